@@ -31,3 +31,10 @@ LOCK_POOL_SIZE = 64
 
 # Legacy allow_overlap magic string (SPEC section 4).
 ALLOW_OVERLAP_PHRASE = "i know what i am doing!"
+
+# Config directory (SPEC section 4).
+CONFIG_FILE_SUFFIX = ".yaml"
+MAINTENANCE_KEY = "saltpeter_maintenance"
+LEGACY_CONFIG_KEY = "saltpeter_config"     # legacy daemon settings key: tolerated, ignored
+TARGET_TYPES = ("glob", "pcre", "list", "grain", "grain_pcre", "pillar", "pillar_pcre",
+                "nodegroup", "range", "compound", "ipcidr")
