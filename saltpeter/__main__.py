@@ -1,0 +1,5 @@
+import sys
+
+from saltpeter.daemon import main
+
+sys.exit(main())

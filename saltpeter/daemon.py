@@ -1,0 +1,423 @@
+"""The main process: command line, arbiter of every child process, and the scheduler loop.
+
+One place owns child processes, signals and shutdown. The loop sleeps until the next due
+fire time, a config check or a command (run-now) arrives, whichever is first: with no job
+due it costs nothing but a ``stat`` of the config files once a second.
+"""
+
+import argparse
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from multiprocessing.managers import SyncManager
+from queue import Empty
+from typing import Dict, Optional, Set
+
+from saltpeter import __version__
+from saltpeter import state as shared_state
+from saltpeter.config import ConfigDir, ConfigError
+from saltpeter.constants import (CONFIG_CHECK_INTERVAL, DEFAULT_CONNECT_DEADLINE,
+                                 DEFAULT_RET_CAP, SHUTDOWN_GRACE)
+from saltpeter.joblog import JobLog
+from saltpeter.run import RunContext, run
+from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
+
+log = logging.getLogger("saltpeter")
+
+MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Wrong flags: one line on stderr and exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineErrorParser(prog="saltpeter",
+                                description="Distributed cron for SaltStack fleets.")
+    parser.add_argument("-c", "--configdir", default="/etc/saltpeter",
+                        help="directory of job YAML files (default: /etc/saltpeter)")
+    parser.add_argument("-l", "--logdir", default="/var/log/saltpeter",
+                        help="directory of per-job log files (default: /var/log/saltpeter)")
+    parser.add_argument("-a", "--api", action="store_true", help="start the HTTP/WebSocket API")
+    parser.add_argument("-p", "--port", type=int, default=8888, help="API port (default: 8888)")
+    parser.add_argument("-e", "--elasticsearch", default="", metavar="URL",
+                        help="also index log events into Elasticsearch at URL")
+    parser.add_argument("-o", "--opensearch", default="", metavar="URL",
+                        help="also index log events into OpenSearch at URL")
+    parser.add_argument("-i", "--index", default="saltpeter",
+                        help="search index prefix (default: saltpeter)")
+    parser.add_argument("-v", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-w", "--websocket-port", type=int, default=8889,
+                        help="port of the wrappers' WebSocket server (default: 8889)")
+    parser.add_argument("--websocket-host", default="0.0.0.0",
+                        help="bind address of the WebSocket server (default: 0.0.0.0)")
+    parser.add_argument("--websocket-url", default=None,
+                        help="URL the wrappers dial back to (default: ws://<FQDN>:<port>)")
+    parser.add_argument("--legacy", action="store_true",
+                        help="run every job through Salt cmd.run, without wrapper")
+    parser.add_argument("--salt-config", default="/etc/salt/master",
+                        help="Salt master config file (default: /etc/salt/master)")
+    parser.add_argument("--local", action="store_true",
+                        help="run every job on this host only; no Salt needed")
+    parser.add_argument("--state-dir", default=None,
+                        help="where run records and output spools live "
+                             "(default: <logdir>/state)")
+    parser.add_argument("--wrapper-connect-timeout", type=float,
+                        default=DEFAULT_CONNECT_DEADLINE,
+                        help="seconds a launched wrapper has to connect before its result is "
+                             "255 (default: %d)" % DEFAULT_CONNECT_DEADLINE)
+    parser.add_argument("--output-cap", type=int, default=DEFAULT_RET_CAP,
+                        help="characters of output kept in the live state per machine; the "
+                             "log file always has all of it (default: %d)" % DEFAULT_RET_CAP)
+    parser.add_argument("--ui-dir", default=None,
+                        help="serve this directory (e.g. a saltpeter-ui build) instead of "
+                             "the built-in UI")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="daemon log level (default: INFO)")
+    args = parser.parse_args(argv)
+    for name in ("port", "websocket_port"):
+        value = getattr(args, name)
+        if not 0 < value < 65536:
+            parser.error("argument --%s: %d is not a TCP port" % (name.replace("_", "-"), value))
+    if args.wrapper_connect_timeout <= 0:
+        parser.error("argument --wrapper-connect-timeout: must be positive")
+    if args.output_cap < 1024:
+        parser.error("argument --output-cap: must be at least 1024")
+    if args.local and args.legacy:
+        parser.error("--local and --legacy cannot be combined: --legacy needs Salt")
+    return args
+
+
+def default_websocket_url(args) -> str:
+    if args.local:
+        host = args.websocket_host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = "[%s]" % host
+        return "ws://%s:%d" % (host, args.websocket_port)
+    return "ws://%s:%d" % (socket.getfqdn(), args.websocket_port)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft open-files limit to the hard one: each wrapper is a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-files limit: %s", soft)
+
+
+def _ignore_signals() -> None:
+    """The Manager process outlives the children that use it: main shuts it down last."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _child_signals() -> None:
+    """A child stops on SIGTERM (its default); Ctrl-C is main's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _worker_main(ctx: RunContext, job, instance: str) -> None:
+    _child_signals()
+    run(ctx, job, instance)
+
+
+def _wsserver_main(shared, host: str, port: int) -> None:
+    _child_signals()
+    from saltpeter.wsserver import run_websocket_server
+    run_websocket_server(shared, host, port)
+
+
+def _api_main(shared, host: str, port: int, options: dict) -> None:
+    _child_signals()
+    from saltpeter.api import run_api
+    run_api(shared, host, port, options)
+
+
+class Daemon:
+    """Owns the schedule, the config and every child process."""
+
+    def __init__(self, args: argparse.Namespace, config_dir: ConfigDir):
+        self.args = args
+        self.statedir = args.state_dir or os.path.join(args.logdir, "state")
+        self.config_dir = config_dir
+        self.tz = local_zone()
+        self.due = DueQueue()
+        self.jobs: Dict[str, object] = {}
+        self.schedules: Dict[str, CronSchedule] = {}
+        self.maintenance = {"global": False, "machines": []}
+        self.workers: Dict[str, multiprocessing.Process] = {}      # instance -> process
+        self.instances_by_job: Dict[str, Set[str]] = {}
+        self.services: Dict[str, multiprocessing.Process] = {}
+        self.stopping = False
+        self.manager: Optional[SyncManager] = None
+        self.shared = None
+        self.joblog: Optional[JobLog] = None
+        self.ctx: Optional[RunContext] = None
+
+    # ------------------------------------------------------------ start and stop
+
+    def start(self, snapshot) -> None:
+        """Start the Manager and the service processes, then apply the first config."""
+        args = self.args
+        self.manager = SyncManager()
+        self.manager.start(_ignore_signals)
+        self.shared = shared_state.make_shared(self.manager, self.statedir, args.output_cap)
+        self.joblog = JobLog(args.logdir, self.statedir, self._search_indexes())
+        self.ctx = RunContext(shared=self.shared, executor=self._executor(),
+                              joblog=self.joblog,
+                              websocket_url=args.websocket_url or default_websocket_url(args),
+                              connect_deadline=args.wrapper_connect_timeout,
+                              legacy=args.legacy)
+        if not args.legacy:
+            self._start_service("websocket", _wsserver_main,
+                                (self.shared, args.websocket_host, args.websocket_port))
+            log.info("wrappers dial back to %s", self.ctx.websocket_url)
+        if args.api:
+            self._start_service("api", _api_main, (self.shared, "0.0.0.0", args.port,
+                                                   self._api_options()))
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.apply_config(snapshot)
+
+    def _search_indexes(self):
+        indexes = []
+        for flavor in ("elasticsearch", "opensearch"):
+            url = getattr(self.args, flavor)
+            if url:
+                from saltpeter.search_index import SearchIndex
+                indexes.append(SearchIndex(url, self.args.index, flavor))
+        return indexes
+
+    def _api_options(self) -> dict:
+        return {"ui_dir": self.args.ui_dir, "elasticsearch": self.args.elasticsearch,
+                "opensearch": self.args.opensearch, "index": self.args.index}
+
+    def _executor(self):
+        if self.args.local:
+            from saltpeter.executors.local import LocalExecutor
+            return LocalExecutor(wrapper_log_dir=os.path.join(self.statedir, "wrapper-logs"))
+        from saltpeter.executors.salt import SaltExecutor
+        return SaltExecutor(self.args.salt_config, {})
+
+    def _start_service(self, name: str, target, args) -> None:
+        process = multiprocessing.Process(target=target, args=args, name=name)
+        process.start()
+        self.services[name] = process
+
+    def _request_stop(self, signum, frame) -> None:
+        if not self.stopping:
+            log.info("signal %d: stopping; no new job will fire", signum)
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        """Stop every child: SIGTERM, a grace period, then SIGKILL; reap them all."""
+        children = list(self.workers.values()) + list(self.services.values())
+        for process in children:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for process in children:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in children:
+            if process.is_alive():
+                log.warning("child %s did not stop in %ss; killing it", process.name,
+                            SHUTDOWN_GRACE)
+                process.kill()
+                process.join()
+        if self.manager is not None:
+            self.manager.shutdown()
+        log.info("stopped")
+
+    # ------------------------------------------------------------ the loop
+
+    def loop(self) -> None:
+        next_config_check = 0.0
+        while not self.stopping:
+            now = time.time()
+            if now >= next_config_check:
+                self.reload_config()
+                next_config_check = now + CONFIG_CHECK_INTERVAL
+            now_dt = datetime.now(timezone.utc)
+            for job_name, fire_time in self.due.pop_due(now_dt):
+                self.fire(job_name, fire_time)
+            self.reap()
+            next_fire = self.due.next_fire_time()
+            wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
+            if next_fire is not None:
+                wait = min(wait, (next_fire - datetime.now(timezone.utc)).total_seconds())
+            self._wait_for_command(max(0.0, wait))
+
+    def _wait_for_command(self, timeout: float) -> None:
+        try:
+            command = self.shared.scheduler_commands.get(timeout=timeout)
+        except Empty:
+            return
+        except (EOFError, OSError, InterruptedError):
+            return
+        if command and command[0] == "run":
+            job_name = command[1]
+            if job_name in self.jobs:
+                log.info("job %s: run requested", job_name)
+                self.fire(job_name, datetime.now(timezone.utc), scheduled=False)
+            else:
+                log.warning("run requested for unknown job %r", job_name)
+        else:
+            log.error("unknown scheduler command %r", command)
+
+    def reload_config(self) -> None:
+        try:
+            snapshot = self.config_dir.load()
+        except ConfigError as exc:
+            log.error("%s; keeping the jobs loaded before", exc)
+            return
+        if snapshot is not None:
+            self.apply_config(snapshot)
+
+    def apply_config(self, snapshot) -> None:
+        """Make the scheduler, the state and the API's config match ``snapshot``."""
+        now = datetime.now(timezone.utc)
+        for job_name in set(self.jobs) - set(snapshot.jobs):
+            log.info("job %s: removed from the config", job_name)
+            self.due.remove(job_name)
+            self.schedules.pop(job_name, None)
+            if not self.instances_by_job.get(job_name):
+                shared_state.remove_job(self.shared, job_name)
+        for job_name, job in snapshot.jobs.items():
+            previous = self.jobs.get(job_name)
+            if previous == job:
+                continue
+            try:
+                schedule = CronSchedule.from_job(job)
+            except ScheduleError as exc:    # config.py validated it; belt and braces
+                log.error("job %s: %s", job_name, exc)
+                continue
+            self.schedules[job_name] = schedule
+            self.due.schedule(job_name, schedule, self.tz, now)
+            shared_state.update_job(self.shared, job_name, job.group,
+                                    next_run=self.due.peek(job_name) or "")
+            log.info("job %s: %s", job_name, "changed" if previous else "loaded")
+        self.jobs = dict(snapshot.jobs)
+        self.maintenance = snapshot.maintenance
+        shared_state.publish_config(self.shared,
+                                    {name: job.raw for name, job in self.jobs.items()},
+                                    self.maintenance, snapshot.serial)
+
+    def fire(self, job_name: str, fire_time: datetime, scheduled: bool = True) -> None:
+        job = self.jobs.get(job_name)
+        if job is None:
+            return
+        instance = "%s_%d" % (job_name, int(fire_time.timestamp()))
+        now = datetime.now(timezone.utc)
+        next_run = self.due.peek(job_name) or ""
+        if self.maintenance.get("global"):
+            log.info("job %s: global maintenance; %s not started", job_name, instance)
+            shared_state.update_job(self.shared, job_name, job.group, next_run=next_run)
+            return
+        live = self.instances_by_job.get(job_name, set())
+        if live and not job.allow_overlap:
+            log.warning("job %s: overlap detected; %s skipped while %s runs", job_name,
+                        instance, ", ".join(sorted(live)))
+            self.joblog.overlap(job_name, job.group, instance, now)
+            shared_state.update_job(self.shared, job_name, job.group, overlap=True,
+                                    next_run=next_run)
+            return
+        suffix = 1
+        while instance in self.workers:
+            suffix += 1
+            instance = "%s_%d_%d" % (job_name, int(fire_time.timestamp()), suffix)
+        shared_state.update_job(self.shared, job_name, job.group, overlap=False,
+                                last_run=now, next_run=next_run)
+        log.info("job %s: firing %s%s", job_name, instance, "" if scheduled else " (run now)")
+        process = multiprocessing.Process(target=_worker_main, args=(self.ctx, job, instance),
+                                          name=instance)
+        process.start()
+        self.workers[instance] = process
+        self.instances_by_job.setdefault(job_name, set()).add(instance)
+
+    def reap(self) -> None:
+        """Join finished workers; restart a service that died."""
+        for instance, process in list(self.workers.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            del self.workers[instance]
+            for instances in self.instances_by_job.values():
+                instances.discard(instance)
+            if process.exitcode not in (0, None):
+                log.error("instance %s: worker exited with %s", instance, process.exitcode)
+                job_name = instance.rsplit("_", 1)[0]
+                shared_state.end_instance(self.shared, job_name, instance)
+        for name, process in list(self.services.items()):
+            if not process.is_alive() and not self.stopping:
+                process.join()
+                log.error("%s process exited with %s; restarting it", name, process.exitcode)
+                self._start_service(name, process._target, process._args)
+
+
+def _check_dirs(args) -> Optional[str]:
+    """A one-line reason why the configured directories are unusable, or None."""
+    if not os.path.isdir(args.configdir):
+        return "config directory %s does not exist or is not a directory" % args.configdir
+    if not os.access(args.configdir, os.R_OK | os.X_OK):
+        return "config directory %s is not readable" % args.configdir
+    for path in (args.logdir, args.state_dir or os.path.join(args.logdir, "state")):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            return "cannot create directory %s: %s" % (path, exc.strerror)
+        if not os.access(path, os.W_OK):
+            return "directory %s is not writable" % path
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.version:
+        print("saltpeter %s" % __version__)
+        return 0
+    problem = _check_dirs(args)
+    if problem:
+        sys.stderr.write("saltpeter: error: %s\n" % problem)
+        return 2
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s [%(processName)s] %(message)s")
+    config_dir = ConfigDir(args.configdir)
+    try:
+        snapshot = config_dir.load()
+    except ConfigError as exc:
+        sys.stderr.write("saltpeter: error: %s\n" % exc)
+        return 2
+    multiprocessing.set_start_method("fork", force=True)
+    raise_open_files_limit()
+    daemon = Daemon(args, config_dir)
+    daemon.start(snapshot)
+    log.info("saltpeter %s started (config %s, logs %s, %s mode)", __version__,
+             args.configdir, args.logdir,
+             "local" if args.local else ("legacy" if args.legacy else "salt"))
+    try:
+        daemon.loop()
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

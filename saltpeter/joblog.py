@@ -1,0 +1,164 @@
+"""Job log files in the legacy format, the run history, and optional search-engine indexing.
+
+One file per job, ``<logdir>/<job_name>.log``, appended (SPEC section 8). Several
+processes write to the same file (the scheduler for overlaps, each per-run worker for its
+instance), so every event is written under an exclusive ``flock`` in one go.
+
+Every event is also appended to ``<statedir>/history.jsonl`` (the API's timeline when no
+search engine is configured) and, with ``-e``/``-o``, indexed into ``<index>-YYYY.MM.DD``.
+A failing search engine costs one logged error per event and never blocks a job for long.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"
+COPY_CHUNK = 1024 * 1024
+
+
+def _format_time(moment: datetime) -> str:
+    """Legacy ``<time>``: ``str()`` of an aware UTC datetime."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return str(moment.astimezone(timezone.utc))
+
+
+class JobLog:
+    """Writes the legacy log events of every job."""
+
+    def __init__(self, logdir: str, statedir: str, search_indexes=()):
+        self.logdir = logdir
+        self.statedir = statedir
+        self.search_indexes = list(search_indexes)
+        os.makedirs(logdir, exist_ok=True)
+        os.makedirs(statedir, exist_ok=True)
+
+    def path(self, job_name: str) -> str:
+        return os.path.join(self.logdir, "%s.log" % job_name)
+
+    # ------------------------------------------------------------ events
+
+    def start(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
+        self._write(job_name, "###### Starting %s at %s ################\n"
+                    % (instance, _format_time(moment)))
+        self._record("start", job_name, group, instance, moment)
+
+    def machine_start(self, job_name: str, group: str, instance: str, machine: str,
+                      moment: datetime) -> None:
+        self._write(job_name, "###### Starting %s on %s at %s ################\n"
+                    % (instance, machine, _format_time(moment)))
+        self._record("machine_start", job_name, group, instance, moment, machine=machine)
+
+    def machine_result(self, job_name: str, group: str, instance: str, machine: str,
+                       retcode: int, moment: datetime, output_path: Optional[str] = None,
+                       output_text: str = "") -> None:
+        """The result block of one machine. The output is copied from ``output_path``
+        (the spool file, possibly huge) in chunks, then ``output_text`` is appended."""
+        header = ("########## %s from %s ################\n**** Exit Code %d ******\n"
+                  % (machine, instance, retcode))
+        footer = "\n####### END %s from %s at %s #########\n" % (machine, instance,
+                                                               _format_time(moment))
+        tail = b""
+        try:
+            with self._locked(job_name) as handle:
+                handle.write(header.encode())
+                if output_path and os.path.exists(output_path):
+                    with open(output_path, "rb") as source:
+                        shutil.copyfileobj(source, handle, COPY_CHUNK)
+                    tail = _last_bytes(output_path, 64 * 1024)
+                if output_text:
+                    handle.write(output_text.encode("utf-8", "surrogateescape"))
+                    tail = (tail + output_text.encode("utf-8", "surrogateescape"))[-64 * 1024:]
+                handle.write(footer.encode())
+        except OSError as exc:
+            log.error("job %s instance %s machine %s: cannot write log file %s: %s",
+                      job_name, instance, machine, self.path(job_name), exc)
+        self._record("machine_result", job_name, group, instance, moment, machine=machine,
+                     ret_code=retcode, output=tail.decode("utf-8", "replace"))
+
+    def finished(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
+        self._write(job_name, "###### Finished %s at %s ################\n"
+                    % (instance, _format_time(moment)))
+        self._record("end", job_name, group, instance, moment)
+
+    def overlap(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
+        self._write(job_name, "###### Overlap detected on %s at %s ################\n"
+                    % (instance, _format_time(moment)))
+        self._record("overlap", job_name, group, instance, moment)
+
+    def no_targets(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
+        self._write(job_name, "!!!!!! No targets matched for %s !!!!!!\n" % instance)
+        self._record("no_machines", job_name, group, instance, moment)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _locked(self, job_name: str):
+        return _LockedAppend(self.path(job_name))
+
+    def _write(self, job_name: str, text: str) -> None:
+        try:
+            with self._locked(job_name) as handle:
+                handle.write(text.encode("utf-8", "surrogateescape"))
+        except OSError as exc:
+            log.error("job %s: cannot write log file %s: %s", job_name,
+                      self.path(job_name), exc)
+
+    def _record(self, msg_type: str, job_name: str, group: str, instance: str,
+                moment: datetime, machine: str = "", ret_code: int = 0,
+                output: str = "") -> None:
+        moment = moment.astimezone(timezone.utc)
+        event = {"cron": job_name, "group": group, "job_instance": instance,
+                 "machine": machine, "msg_type": msg_type, "ret_code": ret_code,
+                 "timestamp": moment.isoformat()}
+        try:
+            with _LockedAppend(os.path.join(self.statedir, HISTORY_FILE)) as handle:
+                handle.write((json.dumps(event) + "\n").encode())
+        except OSError as exc:
+            log.error("job %s instance %s: cannot append run history: %s",
+                      job_name, instance, exc)
+        if not self.search_indexes:
+            return
+        doc = {"job_name": job_name, "group": group, "job_instance": instance,
+               "@timestamp": moment.isoformat(), "return_code": ret_code,
+               "machine": machine, "output": output, "msg_type": msg_type}
+        for index in self.search_indexes:
+            try:
+                index.index_event(doc)
+            except Exception as exc:  # any failure of the engine: one line, job goes on
+                log.error("job %s instance %s: cannot index %s event into %s: %s",
+                          job_name, instance, msg_type, index, exc)
+
+
+class _LockedAppend:
+    """An append-mode binary file held under an exclusive flock."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = open(self.path, "ab")
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)
+        return self.handle
+
+    def __exit__(self, *exc_info):
+        try:
+            self.handle.flush()
+        finally:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def _last_bytes(path: str, count: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - count))
+        return handle.read()

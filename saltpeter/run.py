@@ -1,0 +1,299 @@
+"""The per-run worker: one process per fired job instance.
+
+``run()`` resolves the targets, applies maintenance and ``number_of_targets``, then for each
+batch launches the wrapper through the executor and waits in
+``processresults_websocket()`` (or runs the legacy ``processresults()`` for ``--legacy``
+and ``use_wrapper: false``). The worker owns its instance's lifecycle: the ``running``
+entry, the log lines, and the results nobody else can give (124, 253, 255).
+"""
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Dict, List, Optional
+
+from saltpeter import state as shared_state
+from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, KILL_REPORT_WAIT, RETCODE_HEARTBEAT_LOST,
+                                 RETCODE_KILLED, RETCODE_NO_RESPONSE, RETCODE_TIMEOUT,
+                                 WORKER_POLL_INTERVAL)
+from saltpeter.executors import ExecutorError
+from saltpeter.joblog import JobLog
+from saltpeter.spool import remove_instance, spool_path
+
+log = logging.getLogger(__name__)
+
+KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class RunContext:
+    """What a worker needs, handed over by the scheduler at fork time."""
+
+    shared: object
+    executor: object
+    joblog: JobLog
+    websocket_url: str
+    connect_deadline: float
+    legacy: bool = False
+    token_for: Optional[object] = None      # callable(instance) -> secret, or None
+    wrapper_options: Dict[str, str] = field(default_factory=dict)
+
+
+def run(ctx: RunContext, job, instance: str) -> None:
+    """Run one instance of ``job`` on its targets and record every result."""
+    shared = ctx.shared
+    started = utcnow()
+    shared_state.start_instance(shared, job.name, instance, [], started)
+    ctx.joblog.start(job.name, job.group, instance, started)
+    try:
+        machines = _choose_targets(ctx, job, instance, started)
+        if machines:
+            use_legacy = ctx.legacy or not job.use_wrapper
+            batch_size = job.batch_size or len(machines)
+            for first in range(0, len(machines), batch_size):
+                batch = machines[first:first + batch_size]
+                if use_legacy:
+                    processresults(ctx, job, instance, batch)
+                else:
+                    launched = _launch(ctx, job, instance, batch)
+                    processresults_websocket(ctx, job, instance, batch, launched)
+    except Exception:
+        log.exception("instance %s: run failed", instance)
+        for machine in shared_state.instance_machines(shared, instance):
+            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                    "[saltpeter] run failed inside the daemon; see its log\n")
+    finally:
+        ctx.joblog.finished(job.name, job.group, instance, utcnow())
+        shared_state.end_instance(shared, job.name, instance)
+        shared.ws_commands.put(("forget", instance))
+        remove_instance(shared.statedir, instance)
+        log.info("instance %s: finished", instance)
+
+
+def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> List[str]:
+    """Resolve, filter and initialise the targets. Returns the machines to run on; the
+    ones that did not respond are already recorded as 255."""
+    shared = ctx.shared
+    try:
+        responding, silent = ctx.executor.resolve_targets(job)
+    except ExecutorError as exc:
+        log.error("instance %s: cannot resolve targets %r: %s", instance, job.targets, exc)
+        responding, silent = [], []
+        shared_state.update_job(shared, job.name, job.group,
+                                error="cannot resolve targets: %s" % exc)
+    maintenance = shared_state.get_config(shared).get("maintenance", {})
+    in_maintenance = set(maintenance.get("machines") or [])
+    for machine in sorted(in_maintenance & set(responding + silent)):
+        log.warning("instance %s machine %s: Target under maintenance", instance, machine)
+    responding = [m for m in responding if m not in in_maintenance]
+    silent = [m for m in silent if m not in in_maintenance]
+    if job.number_of_targets and len(responding) > job.number_of_targets:
+        responding = sorted(random.sample(responding, job.number_of_targets))
+    targets = responding + silent
+    if not targets:
+        ctx.joblog.no_targets(job.name, job.group, instance, started)
+        shared_state.init_results(shared, job.name, job.group, [], started)
+        return []
+    shared_state.init_results(shared, job.name, job.group, targets, started)
+    shared_state.set_instance_machines(shared, job.name, instance, targets)
+    for machine in silent:
+        _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE, "Target did not respond")
+    return responding
+
+
+def _launch(ctx: RunContext, job, instance: str, machines: List[str]) -> Dict[str, float]:
+    """Start the wrapper on ``machines``; returns {machine: launch time} of those started
+    (the others are recorded as 255 here)."""
+    shared = ctx.shared
+    shared.ws_commands.put(("register", instance, job.name, list(machines)))
+    env = {
+        "SP_WEBSOCKET_URL": job.websocket_url or ctx.websocket_url,
+        "SP_JOB_NAME": job.name,
+        "SP_JOB_INSTANCE": instance,
+        "SP_COMMAND": job.command,
+        "SP_CONNECT_TIMEOUT": str(int(ctx.connect_deadline)),
+    }
+    if job.cwd:
+        env["SP_CWD"] = job.cwd
+    if job.user:
+        env["SP_USER"] = job.user
+    if job.env:
+        env["SP_ENV"] = json.dumps({str(k): str(v) for k, v in job.env.items()})
+    if ctx.token_for is not None:
+        env["SP_TOKEN"] = ctx.token_for(instance)
+    env.update(ctx.wrapper_options)
+    now = utcnow()
+    for machine in machines:
+        ctx.joblog.machine_start(job.name, job.group, instance, machine, now)
+    try:
+        failures = ctx.executor.launch(job, instance, machines, env)
+    except ExecutorError as exc:
+        failures = {machine: str(exc) for machine in machines}
+    launched = {}
+    for machine in machines:
+        reason = failures.get(machine, "no answer from the executor")
+        if reason is None:
+            launched[machine] = time.time()
+        else:
+            log.error("instance %s machine %s: wrapper not started: %s", instance, machine,
+                      reason)
+            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                    "Wrapper execution failed:\n%s" % reason)
+    return launched
+
+
+def _record(ctx: RunContext, job, instance: str, machine: str, retcode: int,
+            note: str) -> bool:
+    """Make ``machine``'s result final with ``retcode`` (unless someone already did) and
+    write its log block: the spooled output, then ``note``."""
+    shared = ctx.shared
+    current = shared_state.get_result(shared, job.name, machine) or {}
+    ret = current.get("ret", "") or ""
+    if note:
+        ret = ret + ("\n" if ret and not ret.endswith("\n") else "") + note
+    if not shared_state.finish_machine(shared, job.name, instance, machine, retcode, ret=ret):
+        return False
+    log.info("instance %s machine %s: recorded exit code %d", instance, machine, retcode)
+    _write_result_log(ctx, job, instance, machine, note)
+    return True
+
+
+def _write_result_log(ctx: RunContext, job, instance: str, machine: str, note: str = "") -> None:
+    result = shared_state.get_result(ctx.shared, job.name, machine) or {}
+    retcode = result.get("retcode", RETCODE_NO_RESPONSE)
+    endtime = result.get("endtime") or utcnow()
+    ctx.joblog.machine_result(job.name, job.group, instance, machine,
+                              retcode if retcode != "" else RETCODE_NO_RESPONSE, endtime,
+                              output_path=spool_path(ctx.shared.statedir, instance, machine),
+                              output_text=note)
+
+
+def processresults_websocket(ctx: RunContext, job, instance: str, machines: List[str],
+                             launched: Dict[str, float]) -> None:
+    """Wait until every machine of this batch has a final result.
+
+    Enforces the job's ``timeout`` (kill, then 124), logs ``soft_timeout`` once, records
+    253 for a machine silent for ``HEARTBEAT_LOSS_AFTER`` seconds and 255 for a wrapper
+    that never connected within the connect deadline. Results that the WebSocket server
+    made final are written to the log file here.
+    """
+    shared = ctx.shared
+    batch_start = time.time()
+    pending = set(launched)
+    unlogged = set(launched)
+    soft_warned = False
+    timeout_requested = False
+    while unlogged:
+        still_running = set(shared_state.instance_machines(shared, instance))
+        for machine in sorted(unlogged - still_running):
+            if machine in pending:      # finalised by the WebSocket server: log it here
+                _write_result_log(ctx, job, instance, machine)
+            unlogged.discard(machine)
+        pending &= still_running
+        if not pending:
+            break
+        now = time.time()
+        elapsed = now - batch_start
+        if job.soft_timeout and elapsed > job.soft_timeout and not soft_warned:
+            soft_warned = True
+            warning = ("soft timeout of %ss exceeded by %s; still running on %s"
+                       % (job.soft_timeout, instance, ", ".join(sorted(pending))))
+            log.warning("instance %s: %s", instance, warning)
+            shared_state.update_job(shared, job.name, job.group, soft_timeout_exceeded=True,
+                                    warning=warning)
+        if job.timeout and elapsed > job.timeout and not timeout_requested:
+            timeout_requested = True
+            log.warning("instance %s: timeout of %ss reached; stopping %s", instance,
+                        job.timeout, ", ".join(sorted(pending)))
+            shared_state.request_kill(shared, job.name, instance, sorted(pending), "timeout", now)
+        liveness = shared_state.get_liveness(shared, instance)
+        kills = shared_state.get_kills(shared, instance)
+        for machine in sorted(pending):
+            seen = (liveness.get(machine) or {}).get("last_seen") or 0.0
+            kill = kills.get(machine)
+            if kill and now - kill["at"] > KILL_REPORT_WAIT:
+                code = KILL_RETCODES.get(kill["reason"], RETCODE_KILLED)
+                _finalise(ctx, job, instance, machine, code, pending, unlogged,
+                          "[saltpeter] killed (%s); the wrapper did not report within %ds\n"
+                          % (kill["reason"], KILL_REPORT_WAIT))
+            elif not seen and now - launched[machine] > ctx.connect_deadline:
+                _finalise(ctx, job, instance, machine, RETCODE_NO_RESPONSE, pending, unlogged,
+                          "[saltpeter] the wrapper never connected within %ds\n"
+                          % ctx.connect_deadline)
+            elif seen and now - seen > HEARTBEAT_LOSS_AFTER:
+                _finalise(ctx, job, instance, machine, RETCODE_HEARTBEAT_LOST, pending, unlogged,
+                          "[saltpeter] no heartbeat for %ds; the wrapper is lost\n"
+                          % HEARTBEAT_LOSS_AFTER)
+        time.sleep(WORKER_POLL_INTERVAL)
+
+
+def _finalise(ctx, job, instance, machine, retcode, pending, unlogged, note) -> None:
+    log.warning("instance %s machine %s: %s", instance, machine, note.strip())
+    _record(ctx, job, instance, machine, retcode, note)
+    pending.discard(machine)
+    unlogged.discard(machine)
+
+
+def processresults(ctx: RunContext, job, instance: str, machines: List[str]) -> None:
+    """Legacy path: the executor runs the command itself (Salt ``cmd.run``); results are
+    recorded as each machine returns. Timeout and kill stop it through the executor."""
+    shared = ctx.shared
+    started = time.time()
+    pending = set(machines)
+    now = utcnow()
+    for machine in machines:
+        ctx.joblog.machine_start(job.name, job.group, instance, machine, now)
+
+    def on_result(machine, retcode, output):
+        kill = shared_state.get_kills(shared, instance).get(machine)
+        if kill:
+            retcode = KILL_RETCODES.get(kill["reason"], retcode)
+        _record(ctx, job, instance, machine, retcode, output)
+
+    runner = threading.Thread(target=_run_legacy_safely,
+                              args=(ctx, job, instance, machines, on_result), daemon=True)
+    runner.start()
+    timeout_requested = False
+    kill_sent = set()
+    while True:
+        pending &= set(shared_state.instance_machines(shared, instance))
+        if not pending:
+            break
+        now_ts = time.time()
+        if job.timeout and now_ts - started > job.timeout and not timeout_requested:
+            timeout_requested = True
+            shared_state.request_kill(shared, job.name, instance, sorted(pending), "timeout",
+                                      now_ts)
+        kills = shared_state.get_kills(shared, instance)
+        to_kill = sorted(m for m in pending if m in kills and m not in kill_sent)
+        if to_kill:
+            ctx.executor.kill_legacy(instance, to_kill)
+            kill_sent.update(to_kill)
+        for machine in sorted(pending):
+            kill = kills.get(machine)
+            if kill and now_ts - kill["at"] > KILL_REPORT_WAIT:
+                _record(ctx, job, instance, machine,
+                        KILL_RETCODES.get(kill["reason"], RETCODE_KILLED),
+                        "[saltpeter] killed (%s)\n" % kill["reason"])
+        if not runner.is_alive():
+            for machine in sorted(pending):
+                _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                        "Target did not respond")
+        time.sleep(WORKER_POLL_INTERVAL)
+
+
+def _run_legacy_safely(ctx, job, instance, machines, on_result) -> None:
+    try:
+        ctx.executor.run_legacy(job, instance, machines, on_result)
+    except Exception as exc:
+        log.exception("instance %s: legacy run failed", instance)
+        for machine in machines:
+            on_result(machine, RETCODE_NO_RESPONSE, "legacy run failed: %s" % exc)

@@ -1,0 +1,343 @@
+"""The WebSocket server process: where wrappers report.
+
+One asyncio loop serves every wrapper connection. Per (instance, machine) a
+``WrapperSession`` outlives connections (a wrapper may reconnect) and holds the spool
+file, the output tail, the highest sequence number seen and any pending kill.
+
+What reaches the shared state, and how often:
+- output tails, batched per job every ``STATE_FLUSH_INTERVAL`` (one round trip per job);
+- liveness (last message time, connected), batched per instance about once a second;
+- final results at once, through ``state.finish_machine``.
+Manager calls block, so they run in a worker thread, never on the event loop.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Dict, Optional, Set, Tuple
+
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from saltpeter import state as shared_state
+from saltpeter.constants import (RETCODE_KILLED, RETCODE_NO_RESPONSE, RETCODE_TIMEOUT,
+                                 STATE_FLUSH_INTERVAL)
+from saltpeter.spool import OutputTail, SpoolFile, spool_path
+from wrapper.protocol import ProtocolError, encode, parse_message, server_message
+
+log = logging.getLogger(__name__)
+
+LIVENESS_PUBLISH_INTERVAL = 1.0
+ACK_DELAY = 0.1                  # acks are cumulative: one per connection per 100 ms
+MAX_BAD_MESSAGES = 10            # a connection that sends this many bad messages is closed
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
+
+SessionKey = Tuple[str, str]
+
+
+class WrapperSession:
+    """Everything the server knows about one machine of one running instance."""
+
+    def __init__(self, job_name: str, instance: str, machine: str, statedir: str,
+                 ret_cap: int):
+        self.job_name = job_name
+        self.instance = instance
+        self.machine = machine
+        self.spool = SpoolFile(spool_path(statedir, instance, machine))
+        self.tail = OutputTail(ret_cap)
+        self.last_seq = 0
+        self.connection = None
+        self.connected = False
+        self.last_seen = 0.0
+        self.pid: Optional[int] = None
+        self.kill_reason: Optional[str] = None
+        self.kill_sent = False
+        self.finished = False
+
+    def liveness(self) -> Dict:
+        return {"last_seen": self.last_seen, "connected": self.connected, "pid": self.pid}
+
+
+class WebSocketServer:
+    """Accepts wrapper connections and records what they report."""
+
+    def __init__(self, shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME):
+        self.shared = shared
+        self.host = host
+        self.port = port
+        self.max_frame = max_frame
+        self.sessions: Dict[SessionKey, WrapperSession] = {}
+        self.instance_jobs: Dict[str, str] = {}
+        self.liveness_dirty: Set[str] = set()
+        self.output_dirty: Set[WrapperSession] = set()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.stopping: Optional[asyncio.Event] = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve_forever(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        threading.Thread(target=self._read_commands, name="ws-commands", daemon=True).start()
+        async with serve(self.handle_connection, self.host, self.port,
+                         max_size=self.max_frame, compression=None, ping_interval=None,
+                         open_timeout=10, close_timeout=2, max_queue=64):
+            log.info("WebSocket server listening on %s:%d", self.host, self.port)
+            flusher = asyncio.create_task(self._flush_loop())
+            await self.stopping.wait()
+            flusher.cancel()
+            await self._flush_once()
+        for session in self.sessions.values():
+            session.spool.close()
+        log.info("WebSocket server stopped")
+
+    def _read_commands(self) -> None:
+        """Thread: blocking reads of the command queue, handed to the loop."""
+        while True:
+            try:
+                command = self.shared.ws_commands.get()
+            except (EOFError, OSError):
+                return
+            if command is None:
+                return
+            self.loop.call_soon_threadsafe(self.on_command, command)
+
+    def on_command(self, command) -> None:
+        kind = command[0]
+        if kind == "register":
+            _, instance, job_name, machines = command
+            self.instance_jobs[instance] = job_name
+            for machine in machines:
+                self._session_for(instance, machine, job_name)
+        elif kind == "forget":
+            self.forget_instance(command[1])
+        elif kind == "kill":
+            _, instance, machines, reason = command
+            for machine in machines:
+                session = self.sessions.get((instance, machine))
+                if session is None or session.finished:
+                    continue
+                session.kill_reason = session.kill_reason or reason
+                if session.connection is not None:
+                    asyncio.ensure_future(self._send_kill(session))
+                else:
+                    log.info("instance %s machine %s: kill (%s) pending until the wrapper "
+                             "connects", instance, machine, reason)
+        else:
+            log.error("WebSocket server: unknown command %r", kind)
+
+    def forget_instance(self, instance: str) -> None:
+        self.instance_jobs.pop(instance, None)
+        for key in [key for key in self.sessions if key[0] == instance]:
+            self.sessions.pop(key).spool.close()
+
+    def _session_for(self, instance: str, machine: str, job_name: str) -> WrapperSession:
+        key = (instance, machine)
+        session = self.sessions.get(key)
+        if session is None:
+            session = WrapperSession(job_name, instance, machine, self.shared.statedir,
+                                     self.shared.ret_cap)
+            self.sessions[key] = session
+        return session
+
+    async def _lookup_session(self, instance: str, machine: str) -> Optional[WrapperSession]:
+        """The session for a message, or None if this daemon did not launch that machine
+        of that instance. Registration normally arrives first; the running table is the
+        fallback for a wrapper quicker than the command queue."""
+        session = self.sessions.get((instance, machine))
+        if session is not None:
+            return session
+        entry = await asyncio.to_thread(self.shared.running.get, instance)
+        if not entry or machine not in entry.get("machines", ()):
+            return None
+        self.instance_jobs[instance] = entry["name"]
+        return self._session_for(instance, machine, entry["name"])
+
+    # ------------------------------------------------------------ connections
+
+    async def handle_connection(self, connection) -> None:
+        peer = connection.remote_address
+        bad_messages = 0
+        bound: Set[WrapperSession] = set()
+        ack_state = {"pending": False}
+        try:
+            async for frame in connection:
+                try:
+                    message = parse_message(frame)
+                except ProtocolError as exc:
+                    bad_messages += 1
+                    log.warning("WebSocket client %s: bad message: %s", peer, exc)
+                    await connection.send(encode(server_message("error", error=str(exc))))
+                    if bad_messages >= MAX_BAD_MESSAGES:
+                        await connection.close(1008, "too many bad messages")
+                        return
+                    continue
+                session = await self._lookup_session(message.job_instance, message.machine)
+                if session is None or message.job_name != session.job_name:
+                    log.warning("WebSocket client %s: refused %s message for unknown job "
+                                "instance %r machine %r (job %r)", peer, message.type,
+                                message.job_instance, message.machine, message.job_name)
+                    await connection.send(encode(server_message(
+                        "error", error="unknown job instance %r for machine %r"
+                        % (message.job_instance, message.machine))))
+                    await connection.close(1008, "unknown job instance")
+                    return
+                if session.connection is not connection:
+                    session.connection = connection
+                    bound.add(session)
+                self._handle_message(session, message)
+                if message.seq is not None:
+                    self._schedule_ack(connection, session, ack_state,
+                                       now=message.type in ("complete", "error"))
+                if session.kill_reason and not session.kill_sent and not session.finished:
+                    await self._send_kill(session)
+        except ConnectionClosed:
+            pass
+        finally:
+            for session in bound:
+                if session.connection is connection:
+                    session.connection = None
+                    session.connected = False
+                    self.liveness_dirty.add(session.instance)
+                    if not session.finished:
+                        log.info("instance %s machine %s: wrapper disconnected",
+                                 session.instance, session.machine)
+
+    def _schedule_ack(self, connection, session: WrapperSession, ack_state, now: bool) -> None:
+        async def send_ack():
+            await asyncio.sleep(0 if now else ACK_DELAY)
+            ack_state["pending"] = False
+            try:
+                await connection.send(encode(server_message("ack", ack=session.last_seq)))
+            except ConnectionClosed:
+                pass
+        if now or not ack_state["pending"]:
+            ack_state["pending"] = True
+            asyncio.ensure_future(send_ack())
+
+    async def _send_kill(self, session: WrapperSession) -> None:
+        connection = session.connection
+        if connection is None:
+            return
+        session.kill_sent = True
+        log.info("instance %s machine %s: sending kill (%s) to the wrapper",
+                 session.instance, session.machine, session.kill_reason)
+        try:
+            await connection.send(encode(server_message("kill", reason=session.kill_reason)))
+        except ConnectionClosed:
+            session.kill_sent = False
+
+    # ------------------------------------------------------------ messages
+
+    def _handle_message(self, session: WrapperSession, message) -> None:
+        """Apply one valid message to its session (on the event loop; no blocking I/O
+        but buffered spool writes)."""
+        if message.seq is not None:
+            if message.seq <= session.last_seq:
+                return  # a re-sent message we already have
+            session.last_seq = message.seq
+        session.last_seen = time.time()
+        session.connected = True
+        self.liveness_dirty.add(session.instance)
+        if session.finished:
+            return
+        kind = message.type
+        if kind == "connect":
+            log.info("instance %s machine %s: wrapper connected", session.instance,
+                     session.machine)
+        elif kind == "start":
+            session.pid = message.pid
+            self.liveness_dirty.add(session.instance)
+        elif kind == "output":
+            self._append_output(session, message.data)
+        elif kind == "complete":
+            if session.spool.size == 0 and message.output:
+                self._append_output(session, message.output)
+            retcode = KILL_RETCODES.get(session.kill_reason, message.retcode)
+            self._finish(session, retcode)
+        elif kind == "error":
+            log.error("instance %s machine %s: wrapper error: %s", session.instance,
+                      session.machine, message.error)
+            self._append_output(session, "\n[saltpeter] wrapper error: %s\n" % message.error)
+            self._finish(session, RETCODE_NO_RESPONSE)
+
+    def _append_output(self, session: WrapperSession, data: str) -> None:
+        if not data:
+            return
+        session.spool.write(data.encode("utf-8", "surrogateescape"))
+        session.tail.append(data)
+        self.output_dirty.add(session)
+
+    def _finish(self, session: WrapperSession, retcode: int) -> None:
+        session.finished = True
+        self.output_dirty.discard(session)
+        session.spool.close()
+        ret = session.tail.text()
+        self.liveness_dirty.add(session.instance)
+        asyncio.ensure_future(asyncio.to_thread(
+            self._record_final, session.job_name, session.instance, session.machine,
+            retcode, ret))
+
+    def _record_final(self, job_name, instance, machine, retcode, ret) -> None:
+        recorded = shared_state.finish_machine(self.shared, job_name, instance, machine,
+                                               retcode, ret=ret,
+                                               endtime=datetime.now(timezone.utc))
+        if recorded:
+            log.info("instance %s machine %s: finished with exit code %s", instance,
+                     machine, retcode)
+        else:
+            log.info("instance %s machine %s: result was already final; report of exit "
+                     "code %s ignored", instance, machine, retcode)
+
+    # ------------------------------------------------------------ batching to state
+
+    async def _flush_loop(self) -> None:
+        last_liveness = 0.0
+        while True:
+            await asyncio.sleep(STATE_FLUSH_INTERVAL)
+            publish_liveness = time.monotonic() - last_liveness >= LIVENESS_PUBLISH_INTERVAL
+            if publish_liveness:
+                last_liveness = time.monotonic()
+            try:
+                await self._flush_once(publish_liveness)
+            except Exception:
+                log.exception("WebSocket server: flushing state failed")
+
+    async def _flush_once(self, publish_liveness: bool = True) -> None:
+        outputs: Dict[str, Dict[str, str]] = {}
+        dirty_sessions, self.output_dirty = self.output_dirty, set()
+        for session in dirty_sessions:
+            session.spool.flush()
+            outputs.setdefault(session.job_name, {})[session.machine] = session.tail.text()
+        liveness: Dict[str, Dict[str, Dict]] = {}
+        if publish_liveness and self.liveness_dirty:
+            dirty, self.liveness_dirty = self.liveness_dirty, set()
+            for (instance, machine), session in self.sessions.items():
+                if instance in dirty:
+                    liveness.setdefault(instance, {})[machine] = session.liveness()
+        if outputs or liveness:
+            await asyncio.to_thread(self._write_state, outputs, liveness)
+
+    def _write_state(self, outputs, liveness) -> None:
+        for job_name, rets in outputs.items():
+            shared_state.set_live_output(self.shared, job_name, rets)
+        if liveness:
+            shared_state.publish_liveness(self.shared, liveness)
+
+
+def run_websocket_server(shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME):
+    """Process entry point: serve until SIGTERM."""
+    server = WebSocketServer(shared, host, port, max_frame)
+    try:
+        asyncio.run(server.serve_forever())
+    except OSError as exc:
+        log.error("WebSocket server cannot listen on %s:%d: %s", host, port, exc)
+        os._exit(1)
+
