@@ -24,6 +24,7 @@ So a daily 02:30 job fires once on both transition days (03:30 CEST in spring, t
 02:30 in autumn), and an every-minute job fires exactly once per real minute across both.
 """
 
+import functools
 import heapq
 import logging
 import os
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # Field names in the order CronTab expects them.
 CRON_FIELDS = ("sec", "min", "hour", "dom", "mon", "dow", "year")
 _LOCALTIME = "/etc/localtime"
+# Fleets share a few schedules ("0 * * * *"), and the crontab search costs up to a
+# millisecond, so equal (schedule, after, zone) questions are answered once.
+_NEXT_AFTER_CACHE_SIZE = 4096
 _ZONEINFO_MARKER = "zoneinfo/"
 
 
@@ -111,7 +115,9 @@ class CronSchedule:
         expression never matches again (a year in the past, 30 February...). The DST rule
         is in the module docstring.
         """
-        after_utc = _as_utc(after)
+        return _cached_next_after(self, _as_utc(after), tz)
+
+    def _search_next_after(self, after_utc: datetime, tz: tzinfo) -> Optional[datetime]:
         if self.utc:
             found = self._next_wall_clock(after_utc.replace(tzinfo=None))
             return None if found is None else found.replace(tzinfo=timezone.utc)
@@ -131,6 +137,12 @@ class CronSchedule:
             # this candidate, or the wall clock of `after`, which skips the wall-clock
             # times just past a spring-forward gap in one step.
             search_from = max(wall_clock, after_wall_clock)
+
+
+@functools.lru_cache(maxsize=_NEXT_AFTER_CACHE_SIZE)
+def _cached_next_after(cron_schedule: CronSchedule, after_utc: datetime,
+                       tz: tzinfo) -> Optional[datetime]:
+    return cron_schedule._search_next_after(after_utc, tz)
 
 
 def _field_text(name: str, value) -> str:
