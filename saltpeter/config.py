@@ -321,6 +321,15 @@ def _read_yaml(path: str):
         return yaml.load(stream, Loader=_YAML_LOADER)
 
 
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """A one-line reason with line and column, without repeating the file name."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    return "line %d, column %d: %s" % (mark.line + 1, mark.column + 1, problem)
+
+
 def _parse_file(path: str, group: str, signature) -> _ParsedFile:
     """Every job of one file; each problem is logged here, i.e. once per file version."""
     parsed = _ParsedFile(signature=signature)
@@ -335,7 +344,7 @@ def _parse_file(path: str, group: str, signature) -> _ParsedFile:
         problem("%s: cannot read: %s" % (path, exc.strerror or exc))
         return parsed
     except yaml.YAMLError as exc:
-        problem("%s: not valid YAML: %s" % (path, " ".join(str(exc).split())))
+        problem("%s: not valid YAML: %s" % (path, _yaml_reason(exc)))
         return parsed
     if content is None:
         return parsed
