@@ -8,7 +8,9 @@ processes are left are checked. No fixed sleeps: everything polls with a deadlin
 import ast
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -129,6 +131,8 @@ def test_env_call_detaches_at_once_hides_command_and_secrets(server, marker, tmp
             except OSError:
                 pass
     assert live_pids(marker), "the job should still run after the wrapper returned"
+    heartbeat = server.wait_for("heartbeat", timeout=8)
+    assert heartbeat["token"] == "tok-%s" % secret
 
     server.kill("user")
     assert server.wait_for("complete")["retcode"] == 143
@@ -190,6 +194,48 @@ def test_server_that_never_acks_still_gets_everything(marker):
         assert result.returncode == 0, result.stderr
         assert server.wait_for("complete")["output"] == "legacy\n"
         assert server.output("stdout") == b"legacy\n"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_wss_verifies_the_server_against_the_ca_file(marker, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    with WrapperServer(ssl_context=context) as server:
+        # Not trusted by the system store: never connects, command not run.
+        env = wrapper_env(marker, SP_FOREGROUND="1", SP_CONNECT_TIMEOUT="0.3")
+        result = run_wrapper(env, [server.url, "job", "job_tls", "m1", "echo tls"])
+        assert result.returncode == 255
+        assert b"CERTIFICATE_VERIFY_FAILED" in result.stderr
+        env = wrapper_env(marker, SP_FOREGROUND="1", SP_CA_FILE=str(cert))
+        result = run_wrapper(env, [server.url, "job", "job_tls", "m1", "echo tls"])
+        assert result.returncode == 0, result.stderr
+        assert server.wait_for("complete")["retcode"] == 0
+        assert server.output("stdout") == b"tls\n"
+
+
+def test_unacked_buffer_is_bounded_by_dropping_oldest_output():
+    from wrapper.runner import Outbox
+    outbox = Outbox(cap=1000, trim_to=600)
+    outbox.add(1, "connect", "c" * 100)
+    for seq in range(2, 12):
+        outbox.add(seq, "output", "o" * 100)
+    kept = []
+    item = outbox.take_unsent()
+    while item is not None:
+        kept.append((item[0], item[1]))
+        item = outbox.take_unsent()
+    assert kept[0] == (1, "connect")
+    assert sum(100 for _ in kept) <= 1000
+    assert [seq for seq, _ in kept] == sorted(seq for seq, _ in kept)
+    assert kept[-1] == (11, "output")
+    outbox.acknowledge(11)
+    assert outbox.empty()
 
 
 def test_unknown_user_is_reported_and_nothing_runs(server, marker, tmp_path):

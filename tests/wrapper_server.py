@@ -18,8 +18,9 @@ class WrapperServer:
     """Records what wrappers send. ``accepted`` holds the messages after de-duplication,
     ``frames`` every frame as it arrived."""
 
-    def __init__(self, ack=True, drop_after_outputs=(), max_size=2 ** 20):
+    def __init__(self, ack=True, drop_after_outputs=(), max_size=2 ** 20, ssl_context=None):
         self.ack = ack
+        self.ssl_context = ssl_context
         self.drop_after_outputs = set(drop_after_outputs)  # drop when the Nth output arrives
         self.max_size = max_size
         self.frames = []
@@ -37,7 +38,7 @@ class WrapperServer:
 
     @property
     def url(self):
-        return "ws://127.0.0.1:%d" % self.port
+        return "%s://127.0.0.1:%d" % ("wss" if self.ssl_context else "ws", self.port)
 
     def __enter__(self):
         self._thread.start()
@@ -55,7 +56,8 @@ class WrapperServer:
     async def _main(self):
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with serve(self._handler, "127.0.0.1", 0, max_size=self.max_size) as server:
+        async with serve(self._handler, "127.0.0.1", 0, max_size=self.max_size,
+                         ssl=self.ssl_context) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
