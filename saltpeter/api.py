@@ -728,7 +728,7 @@ class Broadcaster:
         now = time.monotonic()
         full_push = now >= self.next_full_push
         if full_push:
-            self.next_full_push = now + PUSH_INTERVAL
+            self.next_full_push = now + PUSH_INTERVAL - POLL_INTERVAL / 2
         if state.get_config(self.api.shared).get("serial") != self.config_serial:
             self._send_all(self.config_frame())
         running = running_snapshot(self.api.shared)
@@ -802,16 +802,15 @@ def make_app(shared: state.Shared, options: Optional[Dict[str, Any]] = None):
 
 async def serve(shared: state.Shared, host: str, port: int,
                 options: Optional[Dict[str, Any]] = None,
-                stop: Optional[asyncio.Event] = None) -> None:
-    """Serve the API on ``host:port`` until ``stop`` is set (or SIGTERM/SIGINT when no
-    event is given), then close the listener and every connection."""
+                stop_signals=(signal.SIGTERM,)) -> None:
+    """Serve the API on ``host:port`` until one of ``stop_signals`` arrives, then close
+    the listener and every connection."""
     app, api = make_app(shared, options)
     server = app.listen(port, address=host or "", max_body_size=MAX_HTTP_BODY)
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, stop.set)
     api.broadcaster.start()
     log.info("API listening on %s:%d (UI from %s%s%s)", host or "*", port,
              ui_directory(api.options), ", auth on" if api.auth.enabled else "",
@@ -831,7 +830,9 @@ async def serve(shared: state.Shared, host: str, port: int,
 
 def run_api(shared: state.Shared, host: str, port: int,
             options: Optional[Dict[str, Any]] = None) -> None:
-    """Entry point of the API process: serve until SIGTERM or SIGINT, then return."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the daemon's handlers are not ours
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    asyncio.run(serve(shared, host, port, options))
+    """Entry point of the API process: serve until SIGTERM (or SIGINT, unless the
+    caller ignores it, as the daemon's children do), stop cleanly, then return."""
+    stop_signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        stop_signals.append(signal.SIGINT)
+    asyncio.run(serve(shared, host, port, options, tuple(stop_signals)))
