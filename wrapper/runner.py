@@ -37,7 +37,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 from wrapper import WRAPPER_VERSION
 from wrapper.protocol import (SERVER_TYPES, Message, ProtocolError, encode, parse_message,
                               wrapper_message)
-from wrapper.wsclient import WebSocket, WebSocketError
+from wrapper.wsclient import ConnectionClosed, WebSocket, WebSocketError
 from wrapper.wsclient import connect as ws_connect
 
 try:  # ctypes can be missing on stripped-down Pythons; PDEATHSIG is then skipped.
@@ -69,6 +69,7 @@ CONNECT_ATTEMPT_TIMEOUT = 10.0     # one TCP + TLS + handshake attempt
 BACKOFF_START = 0.2
 BACKOFF_CAP = 5.0
 NO_ACK_GRACE = 2.0                 # a server that never acked: wait this long after complete
+CLOSE_POLICY_VIOLATION = 1008      # the server's close code for "do not come back"
 IO_POLL_INTERVAL = 1.0             # the I/O thread re-checks its deadlines this often
 
 # Sizes.
@@ -217,10 +218,9 @@ def backoff_delays(start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
         delay = min(cap, delay * 2)
 
 
-def dial(config: Config, deadline: float, stop: Optional[threading.Event] = None
-         ) -> Optional[WebSocket]:
+def dial(config: Config, deadline: float) -> Optional[WebSocket]:
     """A new connection to the server, retrying with backoff until ``deadline``
-    (monotonic); ``None`` if none could be made (or ``stop`` was set)."""
+    (monotonic); ``None`` if none could be made."""
     delays = backoff_delays()
     attempt = 0
     while True:
@@ -234,11 +234,7 @@ def dial(config: Config, deadline: float, stop: Optional[threading.Event] = None
         pause = next(delays)
         if time.monotonic() + pause >= deadline:
             return None
-        if stop is not None:
-            if stop.wait(pause):
-                return None
-        else:
-            time.sleep(pause)
+        time.sleep(pause)
 
 
 class Outbox:
@@ -298,9 +294,9 @@ class Outbox:
                 dropped += 1
             else:
                 kept.append(item)
-        kept_seqs = set(id(item) for item in kept)
+        kept_ids = set(id(item) for item in kept)
         self._unacked = kept
-        self._unsent = deque(item for item in self._unsent if id(item) in kept_seqs)
+        self._unsent = deque(item for item in self._unsent if id(item) in kept_ids)
         self._dropped_messages += dropped
         log.warning("server has not acknowledged %d MiB of messages; dropped the %d oldest "
                     "output messages (%d so far)", self._cap // (1024 * 1024), dropped,
@@ -350,7 +346,6 @@ class Session:
         self._ws: Optional[WebSocket] = None
         self._finishing = False
         self._finish_sent_at: Optional[float] = None
-        self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.gave_up = False
 
@@ -401,21 +396,28 @@ class Session:
         if self._thread is not None:
             self._thread.join()
 
-    def abort(self) -> None:
-        """Stop the I/O thread without waiting for acks."""
-        self._stop.set()
-        self.outbox.wake()
-        if self._thread is not None:
-            self._thread.join(KILL_GRACE)
+    @property
+    def started(self) -> bool:
+        """True once the I/O thread runs."""
+        return self._thread is not None
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                if self._ws is None and not self._reconnect():
+            while True:
+                if self._ws is None and (self._done() or not self._reconnect()):
                     return
                 try:
                     if self._serve(self._ws):
                         return
+                except ConnectionClosed as exc:
+                    if exc.code == CLOSE_POLICY_VIOLATION:
+                        # The server refuses this job instance (unknown, bad token):
+                        # coming back would be refused again.
+                        log.error("server at %s refused this wrapper: %s; giving up "
+                                  "reporting", self.config.url, exc)
+                        self.gave_up = True
+                        return
+                    log.warning("connection to %s lost: %s", self.config.url, exc)
                 except (WebSocketError, OSError) as exc:
                     log.warning("connection to %s lost: %s", self.config.url, exc)
                 self.connected.clear()
@@ -433,12 +435,11 @@ class Session:
         """Reconnect within SP_RECONNECT_FOR; on success send ``connect`` and queue every
         unacknowledged message again. False if it gave up."""
         deadline = time.monotonic() + self.config.reconnect_for
-        ws = dial(self.config, deadline, self._stop)
+        ws = dial(self.config, deadline)
         if ws is None:
-            if not self._stop.is_set():
-                log.error("could not reconnect to %s for %.0f s; giving up reporting",
-                          self.config.url, self.config.reconnect_for)
-                self.gave_up = True
+            log.error("could not reconnect to %s for %.0f s; giving up reporting",
+                      self.config.url, self.config.reconnect_for)
+            self.gave_up = True
             return False
         with self.outbox.lock:
             # seq = the last acknowledged one: the server has seen it already, so a
@@ -478,7 +479,7 @@ class Session:
         """Send queued messages and handle server messages on ``ws`` until the work is
         done (True) or the connection fails (raises)."""
         outbox = self.outbox
-        while not self._stop.is_set():
+        while True:
             item = outbox.take_unsent()
             while item is not None:
                 ws.send_text(item[2])
@@ -495,7 +496,6 @@ class Session:
                 while text is not None:
                     self._handle(text)
                     text = ws.recv(0)
-        return True
 
     def _handle(self, text: str) -> None:
         try:
@@ -710,13 +710,15 @@ class Job:
         for reader in self._readers:
             reader.join(DRAIN_TIMEOUT)
         if any(reader.is_alive() for reader in self._readers):
+            # A reader blocked in os.read() keeps its pipe; closing it under the reader
+            # could hand the descriptor number to someone else.
             log.warning("output pipes still open (a process left the job's process group); "
                         "not waiting for them")
+        else:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
         self._reap_orphans()
         self.collector.flush(final=True)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if not any(reader.is_alive() for reader in self._readers):
-                pipe.close()
         if self.kill_reason == "timeout":
             return RETCODE_TIMEOUT
         if self.kill_reason is not None:
@@ -797,7 +799,7 @@ def run(config: Config) -> int:
             job.kill("user")
         session.send("error", error="wrapper error on %s: %s: %s"
                      % (config.machine, type(exc).__name__, exc))
-        if session._thread is None:
+        if not session.started:
             session.start(ws)
     session.finish()
     return EXIT_OK
