@@ -7,11 +7,11 @@ bottom run the real daemon with ``-a``.
 """
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
 import queue
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +23,8 @@ from websockets.sync.client import connect as ws_connect
 from saltpeter import state
 from saltpeter.api import (check_password, hash_password, history_timeline, last_state,
                            parse_date, run_api)
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, pids_with_marker, wait_for, write_job
+from tests.test_search_index import BlackHole, Engine
 
 FORK = multiprocessing.get_context("fork")
 
@@ -586,3 +587,187 @@ def write_history(statedir, events):
     with open(os.path.join(str(statedir), "history.jsonl"), "a") as handle:
         for item in events:
             handle.write(json.dumps(item) + "\n")
+
+
+# ---------------------------------------------------------------- end to end: the real daemon
+
+NEVER = {"sec": "0", "min": "0", "hour": "0", "dom": "1", "mon": "1", "dow": "*",
+         "year": "2099"}
+COUNTING = "for i in 1 2 3 4 5; do echo line$i; sleep 1; done"
+
+
+def never_job(name, command):
+    """YAML of a job that only runs when asked (run-now)."""
+    return json.dumps({name: dict(NEVER, command=command)})
+
+
+def long_job(tmp_path):
+    """A command that sleeps for a unique, findable number of seconds."""
+    seconds = "3%d.%06d" % (os.getpid() % 1000, int(time.time() * 1e6) % 1000000)
+    return "echo started; sleep %s; : %s" % (seconds, tmp_path), seconds
+
+
+@contextlib.contextmanager
+def daemon_ws(daemon):
+    """A UI connection to the daemon's API, past its first (config) frame."""
+    with ws_connect("ws://127.0.0.1:%d/ws" % daemon.api_port) as conn:
+        assert "config" in ws_recv_json(conn)
+        yield conn
+
+
+def machine_results(message, job):
+    return (message.get(job) or {}).get("results") or {}
+
+
+def wait_final(daemon, job, timeout=30):
+    def final():
+        results = daemon.http_get("/status")["state"][job]["results"]
+        if results and all(r["retcode"] != "" for r in results.values()):
+            return results
+    return wait_for(final, timeout=timeout, message="final results of %s" % job)
+
+
+def test_daemon_api_endpoints(daemon_factory):
+    daemon = daemon_factory(api=True)
+    write_job(daemon.config_dir, "demo", never_job("quiet", "true"))
+    daemon.start()
+    assert daemon.http_get("/version")["version"]
+    config = wait_for(lambda: (c := daemon.http_get("/config"))["crons"].get("quiet") and c,
+                      message="job in /config")
+    assert config["crons"]["quiet"]["command"] == "true"
+    assert "maintenance" in config and isinstance(config["serial"], float)
+    assert daemon.http_get("/running") == {}
+    assert daemon.http_get("/status")["state"]["quiet"]["next_run"].startswith("2099-01-01")
+    assert daemon.http_get("/timeline")["content"] == []
+    request = urllib.request.Request("http://127.0.0.1:%d/config" % daemon.api_port,
+                                     method="OPTIONS")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_daemon_run_now_and_watch_output_grow_live(daemon_factory):
+    daemon = daemon_factory(api=True)
+    write_job(daemon.config_dir, "demo", never_job("count", COUNTING))
+    daemon.start()
+    wait_for(lambda: "count" in daemon.http_get("/config")["crons"], message="config")
+    with daemon_ws(daemon) as conn:
+        conn.send(json.dumps({"subscribe": "count"}))
+        conn.send(json.dumps({"run": "count"}))
+        ws_wait(conn, lambda m: m.get("result", {}).get("command") == "run", what="run ack")
+        seen_at = {}
+        deadline = time.monotonic() + 30
+        while len(seen_at) < 5 and time.monotonic() < deadline:
+            message = ws_recv_json(conn, timeout=10)
+            for result in machine_results(message, "count").values():
+                for n in range(1, 6):
+                    if "line%d" % n in result["ret"]:
+                        seen_at.setdefault(n, time.monotonic())
+        assert sorted(seen_at) == [1, 2, 3, 4, 5]
+        for n in range(2, 6):  # each line shows up within 2 s of the one before
+            assert seen_at[n] - seen_at[n - 1] < 2.0, seen_at
+        final = ws_wait(conn, lambda m: any(r["retcode"] == 0 for r in
+                                            machine_results(m, "count").values()),
+                        timeout=15, what="retcode 0")
+        result = next(iter(machine_results(final, "count").values()))
+        assert result["ret"] == "line1\nline2\nline3\nline4\nline5\n"
+        assert result["endtime"] and "+00:00" in result["endtime"]
+        ws_wait(conn, lambda m: m.get("last_state", {}).get("count", {}).get("result_ok")
+                is True and not m["running"], timeout=10, what="last_state ok")
+        conn.send(json.dumps({"getTimeline": {"start_date": "now-5m", "end_date": "now",
+                                              "id": "t"}}))
+        timeline = ws_wait(conn, lambda m: "timeline" in m, what="timeline")["timeline"]
+        assert [e["msg_type"] for e in timeline["content"]] == ["machine_start",
+                                                                "machine_result"]
+        assert timeline["content"][1]["ret_code"] == 0
+
+
+@pytest.mark.parametrize("how", ["killCron", "POST /kill", "killMachine"])
+def test_daemon_kill_a_long_job(daemon_factory, tmp_path, how):
+    daemon = daemon_factory(api=True)
+    command, marker = long_job(tmp_path)
+    write_job(daemon.config_dir, "demo", never_job("long", command))
+    daemon.start()
+    wait_for(lambda: "long" in daemon.http_get("/config")["crons"], message="config")
+    with daemon_ws(daemon) as conn:
+        conn.send(json.dumps({"subscribe": "long"}))
+        conn.send(json.dumps({"run": "long"}))
+        message = ws_wait(conn, lambda m: any("started" in r["ret"] for r in
+                                              machine_results(m, "long").values()),
+                          timeout=20, what="job started")
+        machine = next(iter(machine_results(message, "long")))
+        assert pids_with_marker(marker)
+        if how == "killCron":
+            conn.send(json.dumps({"killCron": "long"}))
+            assert "result" in ws_wait(conn, lambda m: "result" in m or "error" in m,
+                                       what="kill reply")
+        elif how == "killMachine":
+            conn.send(json.dumps({"killMachine": {"cron": "long", "machine": machine}}))
+            assert "result" in ws_wait(conn, lambda m: "result" in m or "error" in m,
+                                       what="kill reply")
+        else:
+            status, body = daemon.http_post("/kill", {"job": "long"})
+            assert status == 200 and body["killed"]
+    results = wait_final(daemon, "long", timeout=30)
+    assert results[machine]["retcode"] == 143
+    wait_for(lambda: not pids_with_marker(marker), timeout=15, message="no process left")
+    wait_for(lambda: daemon.http_get("/running") == {}, message="instance ended")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        daemon.http_post("/kill", {"job": "long"})
+    assert refused.value.code == 409
+    assert "not running" in json.loads(refused.value.read())["error"]
+
+
+def test_daemon_api_survives_bad_input(daemon_factory):
+    daemon = daemon_factory(api=True)
+    write_job(daemon.config_dir, "demo", never_job("quiet", "true"))
+    daemon.start()
+    with daemon_ws(daemon) as conn:
+        for bad in ("{", '{"run": "ghost"}', '{"killCron": "ghost"}', '{"nope": 1}',
+                    '{"killMachine": {"cron": 1, "machine": []}}', '"just a string"'):
+            conn.send(bad)
+            assert ws_wait(conn, lambda m: "error" in m, what="error for %s" % bad)["error"]
+    for body in (b"{", b'{"job": "ghost"}'):
+        request = urllib.request.Request("http://127.0.0.1:%d/kill" % daemon.api_port,
+                                         data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code in (400, 404)
+        assert json.loads(refused.value.read())["error"]
+    assert daemon.http_get("/version")["version"]
+
+
+def test_daemon_indexes_events_into_the_search_engine_and_survives_a_down_one(
+        daemon_factory, tmp_path):
+    with Engine() as engine:
+        daemon = daemon_factory(api=True, extra_args=["-e", engine.url, "-i", "sp"])
+        write_job(daemon.config_dir, "demo", never_job("quick", "echo hi"))
+        daemon.start()
+        wait_for(lambda: "quick" in daemon.http_get("/config")["crons"], message="config")
+        with daemon_ws(daemon) as conn:
+            conn.send(json.dumps({"run": "quick"}))
+            wait_for(lambda: {b["msg_type"] for _, _, b in engine.requests} >= {
+                "start", "machine_start", "machine_result", "end"}, timeout=30,
+                message="events indexed")
+        today = datetime.now(timezone.utc).strftime("%Y.%m.%d")
+        posts = [(path, body) for method, path, body in engine.requests if "_doc" in path]
+        assert all(path in ("/sp-%s/_doc" % today, "/sp-%s/_doc" % (
+            datetime.now(timezone.utc) - timedelta(minutes=1)).strftime("%Y.%m.%d"))
+            for path, _ in posts)
+        result = next(body for _, body in posts if body["msg_type"] == "machine_result")
+        assert set(result) == {"job_name", "group", "job_instance", "@timestamp",
+                               "return_code", "machine", "output", "msg_type"}
+        assert result["job_name"] == "quick" and result["return_code"] == 0
+        daemon.stop()
+    with BlackHole() as hole:
+        daemon = daemon_factory(api=True, extra_args=["-e", hole.url])
+        write_job(daemon.config_dir, "demo", never_job("quick2", "echo hi"))
+        daemon.start()
+        wait_for(lambda: "quick2" in daemon.http_get("/config")["crons"], message="config")
+        started = time.monotonic()
+        with daemon_ws(daemon) as conn:
+            conn.send(json.dumps({"run": "quick2"}))
+        wait_for(lambda: "Finished" in daemon.log("quick2"), timeout=40,
+                 message="job finished despite the hanging engine")
+        assert time.monotonic() - started < 30
+        assert daemon.http_get("/version")["version"]
