@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from websockets.sync.client import connect
 
-from tests.helpers import wait_for, write_job
+from tests.helpers import pids_with_marker, wait_for, write_job
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 RENDER_BUDGET_MS = 3000
@@ -23,6 +23,7 @@ RENDER_TIMEOUT = 60
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
                                 reason="%s not installed (apt-get install chromium)" % CHROMIUM)
 
+SLEEP_MARKER = "%d.%06d" % (300 + os.getpid() % 100, os.getpid())  # findable in ps
 NEVER = {"sec": "0", "min": "0", "hour": "0", "dom": "1", "mon": "1", "dow": "*",
          "year": "2099"}
 
@@ -44,7 +45,7 @@ def test_job_list_and_live_output_of_a_running_job(daemon_factory, tmp_path):
     jobs = {
         "nightly_backup": dict(NEVER, command="echo backup"),
         "streamer": dict(NEVER, command="echo browserline1; echo browserline2; "
-                                        "sleep 120; : %s" % tmp_path),
+                                        "sleep %s" % SLEEP_MARKER),
     }
     write_job(daemon.config_dir, "demo", json.dumps(jobs))
     daemon.start()
@@ -73,3 +74,8 @@ def test_job_list_and_live_output_of_a_running_job(daemon_factory, tmp_path):
                     and ">running<" in dom and dom,
                     timeout=90, interval=0.5, message="running job shown in the list")
     assert "nightly_backup" in page
+
+    status, _ = daemon.http_post("/kill", {"job": "streamer"})
+    assert status == 200
+    wait_for(lambda: not pids_with_marker(SLEEP_MARKER), timeout=20,
+             message="the killed job left no process")
