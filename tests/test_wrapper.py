@@ -158,6 +158,25 @@ def test_kill_stops_the_whole_process_group(server, marker, reason, retcode):
         proc.wait()
 
 
+def test_job_dies_with_a_sigkilled_wrapper(server, marker):
+    env = wrapper_env(marker, SP_FOREGROUND="1")
+    proc = subprocess.Popen([sys.executable, "-m", "wrapper", server.url, "job", "job_11",
+                             "m1", "sleep 60 & sleep 61; echo never"], env=env,
+                            cwd=str(REPO), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        server.wait_for("start")
+        # wrapper, its guard, the shell and both sleeps
+        wait_for(lambda: len(live_pids(marker)) >= 5, message="job's processes running")
+        proc.kill()
+        proc.wait(5)
+        wait_for(lambda: not live_pids(marker), timeout=5, message="no process left")
+        assert not server.messages("complete")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_output_bytes_survive_exactly_including_invalid_utf8(server, marker):
     # A two-byte character split across writes, invalid bytes, and bytes on stderr.
     command = (r"printf 'caf\303'; sleep 0.2; printf '\251 \377\376 end'; "

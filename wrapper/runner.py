@@ -86,6 +86,7 @@ COMMAND_ENV_VAR = "__SP_CMD"
 SHELL_SCRIPT = 'c=$%s; unset %s; eval "$c"' % (COMMAND_ENV_VAR, COMMAND_ENV_VAR)
 PRIVATE_ENV_PREFIXES = ("SP_", "__SP_")
 PR_SET_PDEATHSIG = 1
+GUARD_RELEASE = b"done"  # the wrapper's goodbye to its guard: the job ended normally
 PR_SET_CHILD_SUBREAPER = 36
 
 USAGE = ("usage: sp-wrapper <websocket_url> <job_name> <job_instance> <machine_id> "
@@ -595,6 +596,8 @@ class Job:
         self._popen_args: Dict[str, Any] = {}
         self._prctl = _load_prctl()
         self._parent_pid = os.getpid()
+        self._guard_pid: Optional[int] = None
+        self._guard_fd: Optional[int] = None
 
     def prepare(self) -> Optional[str]:
         """Work out user, environment and directory. Returns an error text if the command
@@ -650,7 +653,56 @@ class Job:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
             start_new_session=True, preexec_fn=self._child_setup, **self._popen_args)
         log.info("command started as pid %d", self.proc.pid)
+        self._start_guard()
         return self.proc.pid
+
+    def _start_guard(self) -> None:
+        """Fork a watchdog that SIGKILLs the job's process group if the wrapper dies
+        without saying goodbye (SIGKILL, crash). PDEATHSIG alone only reaches the shell,
+        not the processes it started. Forked while the wrapper is still single-threaded.
+        """
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)
+                # Hold nothing of the wrapper's: not the caller's pipes, not the socket.
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                for fd in _open_fds():
+                    if fd > 2 and fd != read_fd:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                received = b""
+                chunk = os.read(read_fd, 64)
+                while chunk:
+                    received += chunk
+                    chunk = os.read(read_fd, 64)
+                if GUARD_RELEASE not in received:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            except BaseException:
+                pass
+            os._exit(0)
+        os.close(read_fd)
+        self._guard_pid, self._guard_fd = pid, write_fd
+
+    def _release_guard(self) -> None:
+        if self._guard_fd is None:
+            return
+        try:
+            os.write(self._guard_fd, GUARD_RELEASE)
+        except OSError:
+            pass
+        os.close(self._guard_fd)
+        self._guard_fd = None
+        try:
+            os.waitpid(self._guard_pid, 0)
+        except ChildProcessError:
+            pass
 
     def stream(self) -> None:
         """Start reading the command's stdout and stderr (after ``start`` was queued, so
@@ -717,6 +769,7 @@ class Job:
         else:
             self.proc.stdout.close()
             self.proc.stderr.close()
+        self._release_guard()
         self._reap_orphans()
         self.collector.flush(final=True)
         if self.kill_reason == "timeout":
