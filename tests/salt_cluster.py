@@ -13,7 +13,9 @@ it as ``from tests.salt_cluster import salt_cluster_fixture as salt_cluster``. I
 the test (with the reason) when Salt is not importable.
 """
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -320,3 +323,118 @@ def salt_cluster_fixture():
         if _shared["users"] == 0:
             context, _shared["context"], _shared["cluster"] = _shared["context"], None, None
             context.__exit__(None, None, None)
+
+
+class DialBackServer:
+    """A WebSocket server on 127.0.0.1 that wrappers on the minions dial back to.
+
+    Unlike a one-wrapper test server it keeps every connection apart: it records each
+    frame with the connection it came on, acks each connection's ``seq`` cumulatively,
+    and can send ``kill`` to the connections of one machine. Use as a context manager.
+    """
+
+    def __init__(self):
+        self.port = None
+        self._records = []          # (connection number, message dict)
+        self._connections = {}      # connection number -> websocket
+        self._machines = {}         # connection number -> machine
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop = None
+        self._stop = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return "ws://127.0.0.1:%d" % self.port
+
+    def __enter__(self) -> "DialBackServer":
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("dial-back WebSocket server did not start")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _main(self):
+        from websockets.asyncio.server import serve
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with serve(self._handler, "127.0.0.1", 0, max_size=2 ** 22) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop.wait()
+
+    async def _handler(self, ws):
+        from websockets.exceptions import ConnectionClosed
+        with self._lock:
+            number = len(self._connections)
+            self._connections[number] = ws
+        acked = 0
+        try:
+            async for text in ws:
+                message = json.loads(text)
+                with self._lock:
+                    self._records.append((number, message))
+                    if message.get("machine"):
+                        self._machines[number] = message["machine"]
+                seq = message.get("seq")
+                if isinstance(seq, int) and seq > acked:
+                    acked = seq
+                    await ws.send(json.dumps({"type": "ack", "ack": acked}))
+        except ConnectionClosed:
+            pass
+
+    def messages(self, msg_type=None, machine=None):
+        """Messages received (duplicates from re-sends removed), oldest first."""
+        seen = set()
+        found = []
+        with self._lock:
+            records = list(self._records)
+        for _, message in records:
+            key = (message.get("machine"), message.get("job_instance"), message.get("seq"))
+            if message.get("seq") is not None:
+                if key in seen:
+                    continue
+                seen.add(key)
+            if msg_type is not None and message.get("type") != msg_type:
+                continue
+            if machine is not None and message.get("machine") != machine:
+                continue
+            found.append(message)
+        return found
+
+    def machines(self, msg_type="connect"):
+        """The machines that sent a ``msg_type`` message, sorted."""
+        return sorted({m["machine"] for m in self.messages(msg_type)})
+
+    def output(self, machine) -> str:
+        return "".join(m.get("data", "") for m in self.messages("output", machine))
+
+    def kill(self, machine, reason="user") -> None:
+        """Send ``kill`` on every connection of ``machine``."""
+        text = json.dumps({"type": "kill", "reason": reason})
+        with self._lock:
+            targets = [self._connections[n] for n, m in self._machines.items() if m == machine]
+
+        async def _send():
+            for ws in targets:
+                try:
+                    await ws.send(text)
+                except Exception:  # a closed connection: the others still get it
+                    pass
+
+        asyncio.run_coroutine_threadsafe(_send(), self._loop).result(10)
+
+
+def kill_marked_processes(marker: str) -> None:
+    """SIGKILL every process whose command line or environment holds ``marker``:
+    wrappers and commands detached from the minions outlive the tests otherwise."""
+    from tests.helpers import pids_with_marker
+    for pid in pids_with_marker(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
