@@ -334,6 +334,7 @@ class WebSocketServer:
 
 def run_websocket_server(shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME):
     """Process entry point: serve until SIGTERM."""
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     server = WebSocketServer(shared, host, port, max_frame)
     try:
         asyncio.run(server.serve_forever())
