@@ -489,10 +489,11 @@ class Session:
                 ws.close()
                 self._ws = None
                 return True
-            readable, _, _ = select.select([ws, outbox.wake_fd], [], [], IO_POLL_INTERVAL)
+            wait = 0 if ws.pending() else IO_POLL_INTERVAL
+            readable, _, _ = select.select([ws, outbox.wake_fd], [], [], wait)
             if outbox.wake_fd in readable:
                 outbox.drain_wakeups()
-            if ws in readable:
+            if ws in readable or ws.pending():
                 text = ws.recv(0)
                 while text is not None:
                     self._handle(text)

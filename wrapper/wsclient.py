@@ -18,7 +18,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NoReturn, Optional, Tuple
 from urllib.parse import urlsplit
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -147,6 +147,7 @@ class WebSocket:
         self.sock = sock
         self.max_frame_size = max_frame_size
         self._buffer = bytearray(leftover)
+        self._unparsed = bool(leftover)  # bytes came in that recv() has not looked at
         self._fragments: List[bytes] = []
         self._fragment_size = 0
         self._send_lock = threading.Lock()
@@ -193,6 +194,11 @@ class WebSocket:
         # Decrypted TLS data can sit inside the SSL object where select() cannot see it.
         return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
 
+    def pending(self) -> bool:
+        """True if received bytes wait in this object (so ``recv`` may return a message
+        although ``select`` on the socket would block)."""
+        return self._unparsed or self._has_pending_bytes()
+
     def _fill(self, timeout: Optional[float]) -> bool:
         """Read what the socket has into the buffer; False if nothing came in ``timeout``."""
         if not self._has_pending_bytes():
@@ -210,9 +216,10 @@ class WebSocket:
             self._closed = True
             raise ConnectionClosed(CLOSE_ABNORMAL, "connection lost without a close frame")
         self._buffer.extend(data)
+        self._unparsed = True
         return True
 
-    def _fail(self, code: int, text: str) -> None:
+    def _fail(self, code: int, text: str) -> NoReturn:
         """Close with ``code`` after a protocol violation and raise."""
         try:
             self._send_frame(OP_CLOSE, close_payload(code, text))
@@ -258,6 +265,7 @@ class WebSocket:
             if frame is None:
                 # Wait once with the caller's timeout, then only take what is already there.
                 if not self._fill(0 if waited else timeout):
+                    self._unparsed = False  # what is left is an incomplete frame
                     return None
                 waited = True
                 continue
