@@ -87,7 +87,6 @@ SHELL_SCRIPT = 'c=$%s; unset %s; eval "$c"' % (COMMAND_ENV_VAR, COMMAND_ENV_VAR)
 PRIVATE_ENV_PREFIXES = ("SP_", "__SP_")
 PR_SET_PDEATHSIG = 1
 GUARD_RELEASE = b"done"  # the wrapper's goodbye to its guard: the job ended normally
-PR_SET_CHILD_SUBREAPER = 36
 
 USAGE = ("usage: sp-wrapper <websocket_url> <job_name> <job_instance> <machine_id> "
          "<command> [cwd] [user]\n"
@@ -771,7 +770,6 @@ class Job:
             self.proc.stdout.close()
             self.proc.stderr.close()
         self._release_guard()
-        self._reap_orphans()
         self.collector.flush(final=True)
         if self.kill_reason == "timeout":
             return RETCODE_TIMEOUT
@@ -780,16 +778,6 @@ class Job:
         if returncode < 0:
             return SIGNAL_RETCODE_BASE - returncode
         return returncode
-
-    def _reap_orphans(self) -> None:
-        # We are a child subreaper: orphaned grandchildren of the job land here.
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
 
     def tick_forever(self) -> None:
         """Flush coalesced output every ``OUTPUT_FLUSH_INTERVAL`` and send a heartbeat
@@ -802,12 +790,6 @@ class Job:
                 if time.monotonic() >= next_heartbeat:
                     self.session.send("heartbeat")
                     next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
-
-
-def _set_subreaper() -> None:
-    prctl = _load_prctl()
-    if prctl is not None:
-        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def run(config: Config) -> int:
@@ -827,7 +809,6 @@ def run(config: Config) -> int:
     try:
         problem = job.prepare()
         if problem is None:
-            _set_subreaper()
             try:
                 pid = job.start()
             except OSError as exc:
