@@ -12,25 +12,30 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from functools import partial
 from multiprocessing.managers import SyncManager
 from queue import Empty
 from typing import Dict, Optional, Set
 
 from saltpeter import __version__
 from saltpeter import state as shared_state
-from saltpeter.config import ConfigDir, ConfigError
+from saltpeter.auth import instance_token, load_or_create_key
+from saltpeter.config import ConfigDir, ConfigError, JobError, parse_job
 from saltpeter.constants import (CONFIG_CHECK_INTERVAL, DEFAULT_CONNECT_DEADLINE,
                                  DEFAULT_RET_CAP, SHUTDOWN_GRACE)
 from saltpeter.joblog import JobLog
-from saltpeter.run import RunContext, run
+from saltpeter.records import FireLedger, load_instances
+from saltpeter.run import RunContext, adopt, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
 
 log = logging.getLogger("saltpeter")
 
 MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
+MAX_MISSED_COUNTED = 1000  # missed fire times counted one by one, after a long downtime
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -79,6 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-cap", type=int, default=DEFAULT_RET_CAP,
                         help="characters of output kept in the live state per machine; the "
                              "log file always has all of it (default: %d)" % DEFAULT_RET_CAP)
+    parser.add_argument("--websocket-cert", default=None, metavar="FILE",
+                        help="serve wss:// with this certificate (PEM; needs --websocket-key)")
+    parser.add_argument("--websocket-key", default=None, metavar="FILE",
+                        help="private key of --websocket-cert (PEM)")
+    parser.add_argument("--wrapper-ca-file", default=None, metavar="FILE",
+                        help="CA file, as a path on the minions, that wrappers verify the "
+                             "server against (default: the system store)")
+    parser.add_argument("--no-wrapper-auth", action="store_true",
+                        help="accept wrapper messages without the per-instance token "
+                             "(for wrappers that speak only the seed protocol)")
     parser.add_argument("--ui-dir", default=None,
                         help="serve this directory (e.g. a saltpeter-ui build) instead of "
                              "the built-in UI")
@@ -96,18 +111,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("argument --output-cap: must be at least 1024")
     if args.local and args.legacy:
         parser.error("--local and --legacy cannot be combined: --legacy needs Salt")
+    if bool(args.websocket_cert) != bool(args.websocket_key):
+        parser.error("--websocket-cert and --websocket-key go together")
     return args
 
 
+def server_ssl_context(args) -> Optional[ssl.SSLContext]:
+    """The TLS context of the WebSocket server, or None for plain ws://."""
+    if not args.websocket_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(args.websocket_cert, args.websocket_key)
+    return context
+
+
 def default_websocket_url(args) -> str:
+    scheme = "wss" if args.websocket_cert else "ws"
     if args.local:
         host = args.websocket_host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
         if ":" in host:
             host = "[%s]" % host
-        return "ws://%s:%d" % (host, args.websocket_port)
-    return "ws://%s:%d" % (socket.getfqdn(), args.websocket_port)
+        return "%s://%s:%d" % (scheme, host, args.websocket_port)
+    return "%s://%s:%d" % (scheme, socket.getfqdn(), args.websocket_port)
 
 
 def raise_open_files_limit() -> None:
@@ -139,10 +167,15 @@ def _worker_main(ctx: RunContext, job, instance: str) -> None:
     run(ctx, job, instance)
 
 
-def _wsserver_main(shared, host: str, port: int) -> None:
+def _adopt_main(ctx: RunContext, job, record: dict) -> None:
+    _child_signals()
+    adopt(ctx, job, record)
+
+
+def _wsserver_main(shared, host: str, port: int, key, ssl_context) -> None:
     _child_signals()
     from saltpeter.wsserver import run_websocket_server
-    run_websocket_server(shared, host, port)
+    run_websocket_server(shared, host, port, key=key, ssl_context=ssl_context)
 
 
 def _api_main(shared, host: str, port: int, options: dict) -> None:
@@ -154,8 +187,10 @@ def _api_main(shared, host: str, port: int, options: dict) -> None:
 class Daemon:
     """Owns the schedule, the config and every child process."""
 
-    def __init__(self, args: argparse.Namespace, config_dir: ConfigDir):
+    def __init__(self, args: argparse.Namespace, config_dir: ConfigDir,
+                 ssl_context: Optional[ssl.SSLContext] = None):
         self.args = args
+        self.ssl_context = ssl_context
         self.statedir = args.state_dir or os.path.join(args.logdir, "state")
         self.config_dir = config_dir
         self.tz = local_zone()
@@ -167,6 +202,7 @@ class Daemon:
         self.instances_by_job: Dict[str, Set[str]] = {}
         self.services: Dict[str, multiprocessing.Process] = {}
         self.stopping = False
+        self.ledger = FireLedger(self.statedir)
         self.manager: Optional[SyncManager] = None
         self.shared = None
         self.joblog: Optional[JobLog] = None
@@ -181,21 +217,74 @@ class Daemon:
         self.manager.start(_ignore_signals)
         self.shared = shared_state.make_shared(self.manager, self.statedir, args.output_cap)
         self.joblog = JobLog(args.logdir, self.statedir, self._search_indexes())
+        key = load_or_create_key(self.statedir)
+        wrapper_options = {"SP_CA_FILE": args.wrapper_ca_file} if args.wrapper_ca_file else {}
         self.ctx = RunContext(shared=self.shared, executor=self._executor(),
                               joblog=self.joblog,
                               websocket_url=args.websocket_url or default_websocket_url(args),
                               connect_deadline=args.wrapper_connect_timeout,
-                              legacy=args.legacy)
+                              legacy=args.legacy, token_for=partial(instance_token, key),
+                              wrapper_options=wrapper_options)
         if not args.legacy:
+            server_key = None if args.no_wrapper_auth else key
             self._start_service("websocket", _wsserver_main,
-                                (self.shared, args.websocket_host, args.websocket_port))
-            log.info("wrappers dial back to %s", self.ctx.websocket_url)
+                                (self.shared, args.websocket_host, args.websocket_port,
+                                 server_key, self.ssl_context))
+            log.info("wrappers dial back to %s%s", self.ctx.websocket_url,
+                     "" if server_key else " (wrapper authentication off)")
         if args.api:
             self._start_service("api", _api_main, (self.shared, "0.0.0.0", args.port,
                                                    self._api_options()))
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.apply_config(snapshot)
+        self.adopt_instances()
+        self.account_for_downtime()
+
+    def adopt_instances(self) -> None:
+        """Carry on with the instances a previous run of the daemon left running."""
+        for record in load_instances(self.statedir):
+            instance, job_name = record["instance"], record["job_name"]
+            job = self.jobs.get(job_name)
+            if job is None:
+                try:
+                    job = parse_job(job_name, record.get("group", ""), record.get("job") or {})
+                except JobError as exc:
+                    log.error("instance %s: cannot adopt it, its job is gone and its record "
+                              "is unusable: %s", instance, exc)
+                    continue
+            process = multiprocessing.Process(target=_adopt_main,
+                                              args=(self.ctx, job, record), name=instance)
+            process.start()
+            self.workers[instance] = process
+            self.instances_by_job.setdefault(job_name, set()).add(instance)
+
+    def account_for_downtime(self) -> None:
+        """Log the fire times missed while the daemon was down; run a ``catch_up`` job
+        once now for them."""
+        now = datetime.now(timezone.utc)
+        for job_name, job in self.jobs.items():
+            last = self.ledger.get(job_name)
+            schedule = self.schedules.get(job_name)
+            if last is None or schedule is None:
+                continue
+            after = datetime.fromtimestamp(last, timezone.utc)
+            missed = []
+            while len(missed) < MAX_MISSED_COUNTED:
+                fire_time = schedule.next_after(after, self.tz)
+                if fire_time is None or fire_time >= now - timedelta(seconds=1):
+                    break
+                missed.append(fire_time)
+                after = fire_time
+            if not missed:
+                continue
+            more = "+" if len(missed) == MAX_MISSED_COUNTED else ""
+            log.warning("job %s: missed %d%s scheduled run(s) while the daemon was down "
+                        "(first %s, last %s)%s", job_name, len(missed), more, missed[0],
+                        missed[-1], "; catching up once now" if job.catch_up else "")
+            self.joblog.missed(job_name, job.group, len(missed), missed[0], missed[-1])
+            if job.catch_up:
+                self.fire(job_name, missed[-1], scheduled=False)
 
     def _search_indexes(self):
         indexes = []
@@ -242,6 +331,7 @@ class Daemon:
                             SHUTDOWN_GRACE)
                 process.kill()
                 process.join()
+        self.ledger.save()
         if self.manager is not None:
             self.manager.shutdown()
         log.info("stopped")
@@ -258,6 +348,7 @@ class Daemon:
             now_dt = datetime.now(timezone.utc)
             for job_name, fire_time in self.due.pop_due(now_dt):
                 self.fire(job_name, fire_time)
+            self.ledger.save()
             self.reap()
             next_fire = self.due.next_fire_time()
             wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
@@ -310,7 +401,11 @@ class Daemon:
                 log.error("job %s: %s", job_name, exc)
                 continue
             self.schedules[job_name] = schedule
-            self.due.schedule(job_name, schedule, self.tz, now)
+            last_fired = self.ledger.get(job_name)
+            after = now
+            if last_fired is not None:    # a clock set back must not fire a time twice
+                after = max(now, datetime.fromtimestamp(last_fired, timezone.utc))
+            self.due.schedule(job_name, schedule, self.tz, after)
             shared_state.update_job(self.shared, job_name, job.group,
                                     next_run=self.due.peek(job_name) or "")
             log.info("job %s: %s", job_name, "changed" if previous else "loaded")
@@ -326,6 +421,8 @@ class Daemon:
             return
         instance = "%s_%d" % (job_name, int(fire_time.timestamp()))
         now = datetime.now(timezone.utc)
+        if scheduled:
+            self.ledger.record(job_name, int(fire_time.timestamp()))
         next_run = self.due.peek(job_name) or ""
         if self.maintenance.get("global"):
             log.info("job %s: global maintenance; %s not started", job_name, instance)
@@ -405,9 +502,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         sys.stderr.write("saltpeter: error: %s\n" % exc)
         return 2
+    try:
+        ssl_context = server_ssl_context(args)
+    except (OSError, ssl.SSLError) as exc:
+        sys.stderr.write("saltpeter: error: cannot load the WebSocket certificate: %s\n" % exc)
+        return 2
     multiprocessing.set_start_method("fork", force=True)
     raise_open_files_limit()
-    daemon = Daemon(args, config_dir)
+    daemon = Daemon(args, config_dir, ssl_context)
     daemon.start(snapshot)
     log.info("saltpeter %s started (config %s, logs %s, %s mode)", __version__,
              args.configdir, args.logdir,

@@ -93,6 +93,14 @@ class JobLog:
                     % (instance, _format_time(moment)))
         self._record("overlap", job_name, group, instance, moment)
 
+    def missed(self, job_name: str, group: str, count: int, first: datetime,
+               last: datetime) -> None:
+        """Fire times that passed while the daemon was down (not a legacy line)."""
+        self._write(job_name, "###### Missed %d scheduled run(s) of %s from %s to %s while "
+                    "saltpeter was down ################\n"
+                    % (count, job_name, _format_time(first), _format_time(last)))
+        self._record("missed", job_name, group, "", last)
+
     def no_targets(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
         self._write(job_name, "!!!!!! No targets matched for %s !!!!!!\n" % instance)
         self._record("no_machines", job_name, group, instance, moment)

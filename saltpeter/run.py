@@ -22,7 +22,8 @@ from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, KILL_REPORT_WAIT, RETCODE
                                  WORKER_POLL_INTERVAL)
 from saltpeter.executors import ExecutorError
 from saltpeter.joblog import JobLog
-from saltpeter.spool import remove_instance, spool_path
+from saltpeter.records import remove_instance_record, save_instance
+from saltpeter.spool import load_result, read_tail, remove_instance, spool_path
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +48,122 @@ class RunContext:
     wrapper_options: Dict[str, str] = field(default_factory=dict)
 
 
+class InstanceRecord:
+    """The on-disk record of a running instance (see ``saltpeter.records``), kept in step
+    with what the worker has done, so a restarted daemon can adopt the instance."""
+
+    def __init__(self, ctx: RunContext, job, instance: str, started: datetime,
+                 data: Optional[Dict] = None):
+        self.statedir = ctx.shared.statedir
+        self.data = data or {"instance": instance, "job_name": job.name, "group": job.group,
+                             "job": job.raw, "started": started.isoformat(),
+                             "targets": [], "todo": [], "launched": {}, "logged": []}
+
+    def save(self, **changes) -> None:
+        self.data.update(changes)
+        try:
+            save_instance(self.statedir, self.data)
+        except OSError as exc:
+            log.error("instance %s: cannot write its record: %s", self.data["instance"], exc)
+
+    def launched(self, times: Dict[str, float]) -> None:
+        launched = dict(self.data["launched"], **times)
+        todo = [m for m in self.data["todo"] if m not in times]
+        self.save(launched=launched, todo=todo)
+
+    def logged(self, machine: str) -> None:
+        if machine not in self.data["logged"]:
+            self.save(logged=self.data["logged"] + [machine])
+
+
 def run(ctx: RunContext, job, instance: str) -> None:
     """Run one instance of ``job`` on its targets and record every result."""
     shared = ctx.shared
     started = utcnow()
+    record = InstanceRecord(ctx, job, instance, started)
+    record.save()
     shared_state.start_instance(shared, job.name, instance, [], started)
     ctx.joblog.start(job.name, job.group, instance, started)
     try:
         machines = _choose_targets(ctx, job, instance, started)
-        if machines:
-            use_legacy = ctx.legacy or not job.use_wrapper
-            batch_size = job.batch_size or len(machines)
-            for first in range(0, len(machines), batch_size):
-                batch = machines[first:first + batch_size]
-                if use_legacy:
-                    processresults(ctx, job, instance, batch)
-                else:
-                    launched = _launch(ctx, job, instance, batch)
-                    processresults_websocket(ctx, job, instance, batch, launched)
+        record.save(targets=machines, todo=list(machines))
+        _run_batches(ctx, job, instance, machines, record)
     except Exception:
         log.exception("instance %s: run failed", instance)
         for machine in shared_state.instance_machines(shared, instance):
             _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
                     "[saltpeter] run failed inside the daemon; see its log\n")
     finally:
-        ctx.joblog.finished(job.name, job.group, instance, utcnow())
-        shared_state.end_instance(shared, job.name, instance)
-        shared.ws_commands.put(("forget", instance))
-        remove_instance(shared.statedir, instance)
-        log.info("instance %s: finished", instance)
+        _end(ctx, job, instance)
+
+
+def _run_batches(ctx: RunContext, job, instance: str, machines: List[str],
+                 record: InstanceRecord) -> None:
+    if not machines:
+        return
+    use_legacy = ctx.legacy or not job.use_wrapper
+    batch_size = job.batch_size or len(machines)
+    for first in range(0, len(machines), batch_size):
+        batch = machines[first:first + batch_size]
+        if use_legacy:
+            processresults(ctx, job, instance, batch)
+        else:
+            launched = _launch(ctx, job, instance, batch)
+            record.launched(launched)
+            processresults_websocket(ctx, job, instance, batch, launched, record)
+
+
+def _end(ctx: RunContext, job, instance: str) -> None:
+    shared = ctx.shared
+    ctx.joblog.finished(job.name, job.group, instance, utcnow())
+    shared_state.end_instance(shared, job.name, instance)
+    shared.ws_commands.put(("forget", instance))
+    remove_instance(shared.statedir, instance)
+    remove_instance_record(shared.statedir, instance)
+    log.info("instance %s: finished", instance)
+
+
+def adopt(ctx: RunContext, job, record_data: Dict) -> None:
+    """Carry on with an instance that a previous daemon run started: record the results
+    that arrived before the restart, wait for the wrappers still running to reconnect and
+    finish, then run the batches not launched yet."""
+    shared = ctx.shared
+    instance = record_data["instance"]
+    started = datetime.fromisoformat(record_data["started"])
+    record = InstanceRecord(ctx, job, instance, started, record_data)
+    logged = set(record_data.get("logged", ()))
+    launched = {m: t for m, t in record_data.get("launched", {}).items() if m not in logged}
+    todo = [m for m in record_data.get("todo", []) if m not in logged]
+    unfinished = list(launched) + todo
+    log.info("instance %s: adopted after a restart; waiting for %s", instance,
+             ", ".join(unfinished) or "nothing")
+    shared_state.start_instance(shared, job.name, instance, unfinished, started)
+    shared_state.init_results(shared, job.name, job.group, unfinished, started)
+    shared.ws_commands.put(("register", instance, job.name, list(launched)))
+    try:
+        tails = {m: read_tail(spool_path(shared.statedir, instance, m), shared.ret_cap).text()
+                 for m in launched}
+        shared_state.set_live_output(shared, job.name, tails)
+        for machine in list(launched):
+            result = load_result(shared.statedir, instance, machine)
+            if result is not None:
+                shared_state.finish_machine(shared, job.name, instance, machine,
+                                            result["retcode"], ret=tails.get(machine),
+                                            endtime=datetime.fromisoformat(result["endtime"]))
+        now = time.time()
+        # the wrappers get a full connect deadline from now to come back
+        processresults_websocket(ctx, job, instance, list(launched),
+                                 {m: now for m in launched}, record,
+                                 batch_start=min(launched.values(), default=now),
+                                 never_connected_code=RETCODE_HEARTBEAT_LOST)
+        _run_batches(ctx, job, instance, todo, record)
+    except Exception:
+        log.exception("instance %s: adopting it failed", instance)
+        for machine in shared_state.instance_machines(shared, instance):
+            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                    "[saltpeter] run failed inside the daemon; see its log\n")
+    finally:
+        _end(ctx, job, instance)
 
 
 def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> List[str]:
@@ -177,7 +265,10 @@ def _write_result_log(ctx: RunContext, job, instance: str, machine: str, note: s
 
 
 def processresults_websocket(ctx: RunContext, job, instance: str, machines: List[str],
-                             launched: Dict[str, float]) -> None:
+                             launched: Dict[str, float],
+                             record: Optional[InstanceRecord] = None,
+                             batch_start: Optional[float] = None,
+                             never_connected_code: int = RETCODE_NO_RESPONSE) -> None:
     """Wait until every machine of this batch has a final result.
 
     Enforces the job's ``timeout`` (kill, then 124), logs ``soft_timeout`` once, records
@@ -186,7 +277,7 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
     made final are written to the log file here.
     """
     shared = ctx.shared
-    batch_start = time.time()
+    batch_start = batch_start or time.time()
     pending = set(launched)
     unlogged = set(launched)
     soft_warned = False
@@ -197,6 +288,8 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
             if machine in pending:      # finalised by the WebSocket server: log it here
                 _write_result_log(ctx, job, instance, machine)
             unlogged.discard(machine)
+            if record is not None:
+                record.logged(machine)
         pending &= still_running
         if not pending:
             break
@@ -223,23 +316,25 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
                 code = KILL_RETCODES.get(kill["reason"], RETCODE_KILLED)
                 _finalise(ctx, job, instance, machine, code, pending, unlogged,
                           "[saltpeter] killed (%s); the wrapper did not report within %ds\n"
-                          % (kill["reason"], KILL_REPORT_WAIT))
+                          % (kill["reason"], KILL_REPORT_WAIT), record)
             elif not seen and now - launched[machine] > ctx.connect_deadline:
-                _finalise(ctx, job, instance, machine, RETCODE_NO_RESPONSE, pending, unlogged,
+                _finalise(ctx, job, instance, machine, never_connected_code, pending, unlogged,
                           "[saltpeter] the wrapper never connected within %ds\n"
-                          % ctx.connect_deadline)
+                          % ctx.connect_deadline, record)
             elif seen and now - seen > HEARTBEAT_LOSS_AFTER:
                 _finalise(ctx, job, instance, machine, RETCODE_HEARTBEAT_LOST, pending, unlogged,
                           "[saltpeter] no heartbeat for %ds; the wrapper is lost\n"
-                          % HEARTBEAT_LOSS_AFTER)
+                          % HEARTBEAT_LOSS_AFTER, record)
         time.sleep(WORKER_POLL_INTERVAL)
 
 
-def _finalise(ctx, job, instance, machine, retcode, pending, unlogged, note) -> None:
+def _finalise(ctx, job, instance, machine, retcode, pending, unlogged, note, record) -> None:
     log.warning("instance %s machine %s: %s", instance, machine, note.strip())
     _record(ctx, job, instance, machine, retcode, note)
     pending.discard(machine)
     unlogged.discard(machine)
+    if record is not None:
+        record.logged(machine)
 
 
 def processresults(ctx: RunContext, job, instance: str, machines: List[str]) -> None:

@@ -6,10 +6,11 @@ worker copies the spool into the job's log file when the machine's result is fin
 removes it. Memory stays bounded whatever a job prints.
 """
 
+import json
 import os
 import shutil
 from collections import deque
-from typing import Deque
+from typing import Deque, Optional
 from urllib.parse import quote
 
 from saltpeter.constants import TRUNCATION_MARKER
@@ -61,7 +62,7 @@ class SpoolFile:
     def __init__(self, path: str):
         self.path = path
         self.handle = None
-        self.size = 0
+        self.size = os.path.getsize(path) if os.path.exists(path) else 0
 
     def write(self, data: bytes) -> None:
         if self.handle is None:
@@ -78,3 +79,66 @@ class SpoolFile:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+
+
+# ---------------------------------------------------------------- restart safety
+#
+# The server acknowledges a wrapper's messages only after their output is on disk, and
+# records with each ack the sequence number and the spool size it covers
+# (``<spool>.seq``). After a crash the spool is cut back to that size: whatever came
+# after it was never acknowledged, so the wrapper sends it again. A final result is
+# written to ``<spool>.result`` before the server acknowledges ``complete``.
+
+def _write_json_atomically(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(value, handle)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def save_checkpoint(spool: "SpoolFile", seq: int) -> None:
+    spool.flush()
+    _write_json_atomically(spool.path + ".seq", {"seq": seq, "size": spool.size})
+
+
+def restore_checkpoint(spool: "SpoolFile") -> int:
+    """Cut the spool back to its last acknowledged size; return that ack's seq (0 if none)."""
+    checkpoint = _read_json(spool.path + ".seq") or {"seq": 0, "size": 0}
+    size = int(checkpoint.get("size", 0))
+    if os.path.exists(spool.path):
+        with open(spool.path, "r+b") as handle:
+            handle.truncate(size)
+    spool.size = size
+    return int(checkpoint.get("seq", 0))
+
+
+def save_result(spool: "SpoolFile", retcode: int, endtime: str) -> None:
+    os.makedirs(os.path.dirname(spool.path), exist_ok=True)
+    _write_json_atomically(spool.path + ".result", {"retcode": retcode, "endtime": endtime})
+
+
+def load_result(statedir: str, instance: str, machine: str) -> Optional[dict]:
+    return _read_json(spool_path(statedir, instance, machine) + ".result")
+
+
+def read_tail(path: str, cap: int) -> OutputTail:
+    """An ``OutputTail`` rebuilt from the end of a spool file."""
+    tail = OutputTail(cap)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - cap))
+            text = handle.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return tail
+    tail.append(text)
+    tail.total = size
+    return tail

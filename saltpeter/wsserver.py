@@ -24,9 +24,12 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from saltpeter import state as shared_state
+from saltpeter.auth import token_is_valid
 from saltpeter.constants import (RETCODE_KILLED, RETCODE_NO_RESPONSE, RETCODE_TIMEOUT,
                                  STATE_FLUSH_INTERVAL)
-from saltpeter.spool import OutputTail, SpoolFile, spool_path
+from saltpeter.records import load_instances
+from saltpeter.spool import (OutputTail, SpoolFile, read_tail, restore_checkpoint,
+                             save_checkpoint, save_result, spool_path)
 from wrapper.protocol import ProtocolError, encode, parse_message, server_message
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,20 @@ class WrapperSession:
 
 
 class WebSocketServer:
-    """Accepts wrapper connections and records what they report."""
+    """Accepts wrapper connections and records what they report.
 
-    def __init__(self, shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME):
+    ``key``: the daemon key; when given, every message must carry the instance's token.
+    ``ssl_context``: serve ``wss://``.
+    """
+
+    def __init__(self, shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME,
+                 key: Optional[bytes] = None, ssl_context=None):
         self.shared = shared
         self.host = host
         self.port = port
         self.max_frame = max_frame
+        self.key = key
+        self.ssl_context = ssl_context
         self.sessions: Dict[SessionKey, WrapperSession] = {}
         self.instance_jobs: Dict[str, str] = {}
         self.liveness_dirty: Set[str] = set()
@@ -85,8 +95,9 @@ class WebSocketServer:
         self.stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
+        self.adopt_recorded_instances()
         threading.Thread(target=self._read_commands, name="ws-commands", daemon=True).start()
-        async with serve(self.handle_connection, self.host, self.port,
+        async with serve(self.handle_connection, self.host, self.port, ssl=self.ssl_context,
                          max_size=self.max_frame, compression=None, ping_interval=None,
                          open_timeout=10, close_timeout=2, max_queue=64):
             log.info("WebSocket server listening on %s:%d", self.host, self.port)
@@ -95,8 +106,29 @@ class WebSocketServer:
             flusher.cancel()
             await self._flush_once()
         for session in self.sessions.values():
+            if not session.finished:
+                save_checkpoint(session.spool, session.last_seq)
             session.spool.close()
         log.info("WebSocket server stopped")
+
+    def adopt_recorded_instances(self) -> None:
+        """After a restart: know the instances still running from the last daemon, with
+        their output so far and the last sequence number acknowledged, so that their
+        wrappers can reconnect and carry on without loss or duplicates."""
+        statedir = self.shared.statedir
+        for record in load_instances(statedir):
+            instance, job_name = record["instance"], record["job_name"]
+            logged = set(record.get("logged", ()))
+            self.instance_jobs[instance] = job_name
+            for machine in record.get("launched", {}):
+                if machine in logged:
+                    continue
+                session = self._session_for(instance, machine, job_name)
+                session.last_seq = restore_checkpoint(session.spool)
+                session.tail = read_tail(session.spool.path, self.shared.ret_cap)
+                if os.path.exists(session.spool.path + ".result"):
+                    session.finished = True
+            log.info("instance %s: adopted from the previous daemon run", instance)
 
     def _read_commands(self) -> None:
         """Thread: blocking reads of the command queue, handed to the loop."""
@@ -189,6 +221,16 @@ class WebSocketServer:
                         % (message.job_instance, message.machine))))
                     await connection.close(1008, "unknown job instance")
                     return
+                if self.key is not None and not token_is_valid(self.key, session.instance,
+                                                               message.token):
+                    log.warning("WebSocket client %s: refused %s message for instance %s "
+                                "machine %s: missing or invalid token", peer, message.type,
+                                session.instance, session.machine)
+                    await connection.send(encode(server_message(
+                        "error", error="authentication failed for instance %r"
+                        % session.instance)))
+                    await connection.close(1008, "authentication failed")
+                    return
                 if session.connection is not connection:
                     session.connection = connection
                     bound.add(session)
@@ -214,6 +256,9 @@ class WebSocketServer:
         async def send_ack():
             await asyncio.sleep(0 if now else ACK_DELAY)
             ack_state["pending"] = False
+            if not session.finished:
+                # acknowledge only what is on disk: a crash must not lose acked output
+                save_checkpoint(session.spool, session.last_seq)
             try:
                 await connection.send(encode(server_message("ack", ack=session.last_seq)))
             except ConnectionClosed:
@@ -279,6 +324,7 @@ class WebSocketServer:
         session.finished = True
         self.output_dirty.discard(session)
         session.spool.close()
+        save_result(session.spool, retcode, datetime.now(timezone.utc).isoformat())
         ret = session.tail.text()
         self.liveness_dirty.add(session.instance)
         asyncio.ensure_future(asyncio.to_thread(
@@ -332,10 +378,11 @@ class WebSocketServer:
             shared_state.publish_liveness(self.shared, liveness)
 
 
-def run_websocket_server(shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME):
+def run_websocket_server(shared, host: str, port: int, max_frame: int = DEFAULT_MAX_FRAME,
+                         key: Optional[bytes] = None, ssl_context=None):
     """Process entry point: serve until SIGTERM."""
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    server = WebSocketServer(shared, host, port, max_frame)
+    server = WebSocketServer(shared, host, port, max_frame, key, ssl_context)
     try:
         asyncio.run(server.serve_forever())
     except OSError as exc:
