@@ -119,6 +119,9 @@ def parse_message(text: Any, allowed_types=WRAPPER_TYPES) -> Message:
         obj = json.loads(text)
     except ValueError as exc:
         raise ProtocolError("not valid JSON: %s" % exc) from None
+    except RecursionError:
+        # the decoder recurses per nesting level: '[' * 100000 must not escape as a crash
+        raise ProtocolError("not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object, not %s" % type(obj).__name__)
     msg_type = obj.get("type")
