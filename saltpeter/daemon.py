@@ -6,6 +6,7 @@ due it costs nothing but a ``stat`` of the config files once a second.
 """
 
 import argparse
+import importlib
 import logging
 import multiprocessing
 import os
@@ -36,6 +37,8 @@ log = logging.getLogger("saltpeter")
 
 MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
 MAX_MISSED_COUNTED = 1000  # missed fire times counted one by one, after a long downtime
+# Benchmarks and tests only: ``module:Class`` of an executor to use instead of Salt/local.
+TEST_EXECUTOR_VARIABLE = "SALTPETER_TEST_EXECUTOR"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -300,11 +303,22 @@ class Daemon:
                 "opensearch": self.args.opensearch, "index": self.args.index}
 
     def _executor(self):
+        test_executor = os.environ.get(TEST_EXECUTOR_VARIABLE)
+        if test_executor:
+            return self._test_executor(test_executor)
         if self.args.local:
             from saltpeter.executors.local import LocalExecutor
             return LocalExecutor(wrapper_log_dir=os.path.join(self.statedir, "wrapper-logs"))
         from saltpeter.executors.salt import SaltExecutor
         return SaltExecutor(self.args.salt_config, {})
+
+    def _test_executor(self, spec: str):
+        """Benchmarks and tests only: ``module:Class`` from ``SALTPETER_TEST_EXECUTOR``,
+        built as ``Class(statedir=..., shared=...)`` (e.g. ``bench.simexec:SimExecutor``)."""
+        module_name, _, class_name = spec.partition(":")
+        executor_class = getattr(importlib.import_module(module_name), class_name)
+        log.warning("using the test executor %s (from %s)", spec, TEST_EXECUTOR_VARIABLE)
+        return executor_class(statedir=self.statedir, shared=self.shared)
 
     def _start_service(self, name: str, target, args) -> None:
         process = multiprocessing.Process(target=target, args=args, name=name)
