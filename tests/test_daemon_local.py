@@ -282,7 +282,7 @@ def test_maintenance_global_and_per_machine(daemon_factory):
 
 
 def test_fifty_megabytes_of_output_all_in_the_log(daemon_factory):
-    daemon = daemon_factory(extra_args=["--output-cap", "65536"])
+    daemon = daemon_factory(api=True, extra_args=["--output-cap", "65536"])
     # 50 MB: 500,000 lines of 100 bytes, numbered so that loss or reordering shows
     command = ("%s -c \"import sys; w=sys.stdout.write; "
                "[w('%%09d' %% i + 'x' * 90 + '\\\\n') for i in range(500000)]\"" % sys.executable)
@@ -295,6 +295,26 @@ def test_fifty_megabytes_of_output_all_in_the_log(daemon_factory):
     assert lines[0] == "000000000" + "x" * 90
     assert lines[499999] == "000499999" + "x" * 90
     assert all(len(line) == 99 for line in lines[:-1])
+    # the live state keeps only the capped tail, behind a truncation marker
+    ret = daemon.http_get("/status")["state"]["big"]["results"][socket.gethostname()]["ret"]
+    marker, _, kept = ret.partition("\n")
+    assert "truncated" in marker and "50000000" in marker
+    assert len(kept) <= 65536 and kept.endswith("000499999" + "x" * 90 + "\n")
+    # and no daemon process holds the output in memory
+    for pid in [daemon.proc.pid] + _descendants(daemon.proc.pid):
+        with open("/proc/%d/status" % pid) as handle:
+            rss_kb = int([l for l in handle if l.startswith("VmRSS")][0].split()[1])
+        assert rss_kb < 150 * 1024, "process %d uses %d MB" % (pid, rss_kb // 1024)
+
+
+def test_examples_load_cleanly_and_hello_fires(daemon_factory):
+    daemon = daemon_factory()
+    for example in (REPO / "examples").glob("*.yaml"):
+        (daemon.config_dir / example.name).write_text(example.read_text())
+    daemon.start()
+    result = first_result(daemon, "hello", timeout=15)
+    assert result["code"] == "0" and result["output"].startswith("hello from ")
+    assert " ERROR " not in daemon.output()
 
 
 def test_cli_version_and_errors(tmp_path):
