@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 LIVENESS_PUBLISH_INTERVAL = 1.0
 ACK_DELAY = 0.1                  # acks are cumulative: one per connection per 100 ms
 MAX_BAD_MESSAGES = 10            # a connection that sends this many bad messages is closed
+# A wrapper sends ``connect`` as soon as it is connected (and again after a reconnect); a
+# connection with no accepted message by then is idle or hostile and would hold a socket
+# and its buffers for ever.
+FIRST_MESSAGE_TIMEOUT = 10.0
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
 
@@ -199,6 +203,8 @@ class WebSocketServer:
         bad_messages = 0
         bound: Set[WrapperSession] = set()
         ack_state = {"pending": False}
+        first_message_deadline = asyncio.get_running_loop().call_later(
+            FIRST_MESSAGE_TIMEOUT, self._close_silent, connection)
         try:
             async for frame in connection:
                 try:
@@ -231,6 +237,7 @@ class WebSocketServer:
                         % session.instance)))
                     await connection.close(1008, "authentication failed")
                     return
+                first_message_deadline.cancel()
                 if session.connection is not connection:
                     session.connection = connection
                     bound.add(session)
@@ -243,6 +250,7 @@ class WebSocketServer:
         except ConnectionClosed:
             pass
         finally:
+            first_message_deadline.cancel()
             for session in bound:
                 if session.connection is connection:
                     session.connection = None
@@ -251,6 +259,11 @@ class WebSocketServer:
                     if not session.finished:
                         log.info("instance %s machine %s: wrapper disconnected",
                                  session.instance, session.machine)
+
+    def _close_silent(self, connection) -> None:
+        log.warning("WebSocket client %s: no accepted message within %.0f s of connecting; "
+                    "closing", connection.remote_address, FIRST_MESSAGE_TIMEOUT)
+        asyncio.ensure_future(connection.close(1008, "no accepted message in time"))
 
     def _schedule_ack(self, connection, session: WrapperSession, ack_state, now: bool) -> None:
         async def send_ack():
