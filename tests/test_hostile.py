@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from saltpeter.auth import KEY_FILE, instance_token
-from saltpeter.wsserver import DEFAULT_MAX_FRAME, MAX_BAD_MESSAGES
+from saltpeter.wsserver import DEFAULT_MAX_FRAME, FIRST_MESSAGE_TIMEOUT, MAX_BAD_MESSAGES
 from tests.helpers import wait_for, write_job
 from tests.test_daemon_local import job_yaml, results
 
@@ -205,7 +205,7 @@ async def read_close_code(reader, timeout=10):
                 return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
     try:
         return await asyncio.wait_for(read(), timeout)
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
         return None
 
 
@@ -359,7 +359,11 @@ def test_honest_job_survives_oversized_frames_floods_garbage_and_idle_connection
         results["half_open_dropped"] = sum(dropped)
         results["half_open_seconds"] = time.monotonic() - opened
         results["responsive_after"] = await still_serving(port)
-        results["idle_alive"] = sum(1 for _, writer in idle if not writer.is_closing())
+        idle_codes = await asyncio.gather(*(
+            read_close_code(reader, FIRST_MESSAGE_TIMEOUT + 5 - (time.monotonic() - opened))
+            for reader, _ in idle))
+        results["idle_closed_1008"] = idle_codes.count(1008)
+        results["idle_seconds"] = time.monotonic() - opened
         close_all([writer for _, writer in idle] + [writer for _, writer in half_open])
         return results
 
@@ -386,15 +390,19 @@ def test_honest_job_survives_oversized_frames_floods_garbage_and_idle_connection
     assert outcome["half_open_dropped"] == HALF_OPEN_CONNECTIONS
     assert outcome["half_open_seconds"] < HANDSHAKE_TIMEOUT + 5
     assert outcome["responsive"] < 3 and outcome["responsive_after"] < 3
+    # idle ones, which never send a message, are closed once FIRST_MESSAGE_TIMEOUT is up
+    assert outcome["idle_closed_1008"] == IDLE_CONNECTIONS
+    assert outcome["idle_seconds"] < FIRST_MESSAGE_TIMEOUT + 5
     # (e) memory stays bounded
     assert memory.peak - memory.baseline < RSS_GROWTH_CAP, (memory.baseline, memory.peak)
 
     assert_honest_result(daemon, "honest", instance, release, min_lines=20)
     output = daemon.output()
     assert "bad message" in output and "unknown job instance" in output
+    assert "no accepted message within" in output
     assert "Traceback" not in output
-    print("websocket server RSS: baseline %.1f MB, peak %.1f MB; %d idle still open; %s"
-          % (memory.baseline / 2 ** 20, memory.peak / 2 ** 20, outcome["idle_alive"],
+    print("websocket server RSS: baseline %.1f MB, peak %.1f MB; %s"
+          % (memory.baseline / 2 ** 20, memory.peak / 2 ** 20,
              {k: v for k, v in outcome.items() if k not in ("floods", "garbage")}))
 
 
