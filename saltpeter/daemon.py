@@ -94,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wrapper-ca-file", default=None, metavar="FILE",
                         help="CA file, as a path on the minions, that wrappers verify the "
                              "server against (default: the system store)")
+    parser.add_argument("--wrapper-dir", default="/var/lib/saltpeter", metavar="DIR",
+                        help="where Saltpeter puts the wrapper on each minion "
+                             "(default: /var/lib/saltpeter)")
+    parser.add_argument("--wrapper-python", default="python3", metavar="PATH",
+                        help="the Python 3.9+ that runs the wrapper on minions "
+                             "(default: python3 from the minion's PATH)")
     parser.add_argument("--no-wrapper-auth", action="store_true",
                         help="accept wrapper messages without the per-instance token "
                              "(for wrappers that speak only the seed protocol)")
@@ -310,7 +316,9 @@ class Daemon:
             from saltpeter.executors.local import LocalExecutor
             return LocalExecutor(wrapper_log_dir=os.path.join(self.statedir, "wrapper-logs"))
         from saltpeter.executors.salt import SaltExecutor
-        return SaltExecutor(self.args.salt_config, {})
+        return SaltExecutor(self.args.salt_config,
+                            {"wrapper_dir": self.args.wrapper_dir,
+                             "wrapper_python": self.args.wrapper_python})
 
     def _test_executor(self, spec: str):
         """Benchmarks and tests only: ``module:Class`` from ``SALTPETER_TEST_EXECUTOR``,

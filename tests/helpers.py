@@ -117,7 +117,11 @@ class Daemon:
         self.proc = subprocess.Popen(self.args(), cwd=str(REPO), env=self.env,
                                      stdout=self._stderr, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_for(self._ws_listening, timeout=20, message="daemon WebSocket port")
+        if "--legacy" in self.extra_args:   # no WebSocket server in legacy mode
+            wait_for(lambda: self.proc.poll() is None and "started" in self.output(),
+                     timeout=20, message="legacy daemon started")
+        else:
+            wait_for(self._ws_listening, timeout=20, message="daemon WebSocket port")
         if self.api:
             wait_for(lambda: self.http_get("/version"), timeout=20, message="daemon API")
         return self

@@ -3,11 +3,10 @@ on the minions through the deployed wrapper (or the legacy cmd.run path); outcom
 observed in the job log files, the API and the processes."""
 
 import re
-import subprocess
 
 import pytest
 
-from tests.helpers import REPO, wait_for, write_job
+from tests.helpers import wait_for, write_job
 from tests.salt_cluster import salt_cluster_fixture  # noqa: F401  (fixture "salt_cluster")
 
 BOTH = ["minion-a", "minion-b"]
@@ -45,15 +44,8 @@ def first_run(daemon, job, machines=BOTH, timeout=40):
 
 
 def start_legacy(daemon):
-    """Start a ``--legacy`` daemon: it has no WebSocket port to wait for (``Daemon.start``
-    waits for one), so wait until its process is up and its log says it started."""
-    daemon._stderr = open(daemon.stderr_path, "ab")
-    daemon.proc = subprocess.Popen(daemon.args(), cwd=str(REPO), env=daemon.env,
-                                   stdout=daemon._stderr, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    wait_for(lambda: daemon.proc.poll() is None and "started" in daemon.output(),
-             timeout=20, message="legacy daemon started")
-    return daemon
+    """Start a ``--legacy`` daemon (``Daemon.start`` knows it has no WebSocket port)."""
+    return daemon.start()
 
 
 @pytest.fixture
@@ -61,7 +53,8 @@ def salt_daemon(daemon_factory, salt_cluster):
     """Make a daemon on the test Salt master whose wrappers dial back to 127.0.0.1."""
     def make(*extra_args, api=False):
         daemon = daemon_factory(local=False, api=api, extra_args=[
-            "--salt-config", salt_cluster.master_config] + list(extra_args))
+            "--salt-config", salt_cluster.master_config,
+            "--wrapper-dir", str(salt_cluster.root / "wrapper")] + list(extra_args))
         daemon.extra_args += ["--websocket-url", "ws://127.0.0.1:%d" % daemon.ws_port]
         return daemon
     return make
