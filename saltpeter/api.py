@@ -89,16 +89,6 @@ def to_json(value: Any) -> str:
 
 # ---------------------------------------------------------------- shared-state snapshots
 
-def running_snapshot(shared: state.Shared) -> Dict[str, Any]:
-    """A copy of all of ``running`` in one round trip."""
-    return shared.running.copy()
-
-
-def state_snapshot(shared: state.Shared) -> Dict[str, Any]:
-    """A copy of all of ``state`` in one round trip."""
-    return shared.state.copy()
-
-
 def known_jobs(shared: state.Shared) -> Set[str]:
     """Jobs in the config, plus jobs that still have state (e.g. just removed)."""
     return set(state.get_config(shared).get("crons") or {}) | set(shared.state.keys())
@@ -442,13 +432,13 @@ class ConfigHandler(JsonHandler):
 
 class RunningHandler(JsonHandler):
     def get(self):
-        self.write_json(running_snapshot(self.api.shared))
+        self.write_json(state.running_snapshot(self.api.shared))
 
 
 class StatusHandler(JsonHandler):
     def get(self):
-        self.write_json({"running": running_snapshot(self.api.shared),
-                         "state": state_snapshot(self.api.shared)})
+        self.write_json({"running": state.running_snapshot(self.api.shared),
+                         "state": state.state_snapshot(self.api.shared)})
 
 
 class JobsHandler(JsonHandler):
@@ -457,8 +447,8 @@ class JobsHandler(JsonHandler):
 
     def get(self):
         shared = self.api.shared
-        job_states = state_snapshot(shared)
-        running = running_snapshot(shared)
+        job_states = state.state_snapshot(shared)
+        running = state.running_snapshot(shared)
         verdicts = last_state(job_states, running, self.api.result_memory)
         crons = state.get_config(shared).get("crons") or {}
         jobs = {}
@@ -679,8 +669,8 @@ class Broadcaster:
 
     def status_frame(self, running: Optional[Dict[str, Any]] = None) -> str:
         shared = self.api.shared
-        running = running_snapshot(shared) if running is None else running
-        summary = last_state(state_snapshot(shared), running, self.api.result_memory)
+        running = state.running_snapshot(shared) if running is None else running
+        summary = last_state(state.state_snapshot(shared), running, self.api.result_memory)
         return to_json({"running": running, "last_state": summary})
 
     def job_frame(self, job_name: str) -> str:
@@ -729,9 +719,9 @@ class Broadcaster:
         full_push = now >= self.next_full_push
         if full_push:
             self.next_full_push = now + PUSH_INTERVAL - POLL_INTERVAL / 2
-        if state.get_config(self.api.shared).get("serial") != self.config_serial:
+        if state.config_serial(self.api.shared) != self.config_serial:
             self._send_all(self.config_frame())
-        running = running_snapshot(self.api.shared)
+        running = state.running_snapshot(self.api.shared)
         running_frame = to_json(running)
         if full_push or running_frame != self.running_frame:
             self.running_frame = running_frame

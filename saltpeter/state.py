@@ -42,8 +42,10 @@ class Shared:
     kills: Any
     config: Any
     locks: List[Any]
-    scheduler_commands: Any            # multiprocessing.Queue: ('run', job_name, reply_id)
-    ws_commands: Any                   # multiprocessing.Queue: ('kill', instance, [machines], reason)
+    scheduler_commands: Any            # multiprocessing.Queue: ('run', job_name)
+    ws_commands: Any                   # multiprocessing.Queue: ('register', instance, job,
+                                       # [machines]), ('forget', instance),
+                                       # ('kill', instance, [machines], reason)
     statedir: str = ""
     ret_cap: int = DEFAULT_RET_CAP
     options: Dict[str, Any] = field(default_factory=dict)
@@ -269,3 +271,18 @@ def publish_config(shared: Shared, crons: Dict[str, Any], maintenance: Dict[str,
 
 def get_config(shared: Shared) -> Dict[str, Any]:
     return dict(shared.config)
+
+
+def config_serial(shared: Shared) -> float:
+    """The config's serial alone: cheap to poll, where ``get_config`` copies every job."""
+    return shared.config.get("serial", 0.0)
+
+
+def running_snapshot(shared: Shared) -> Dict[str, Any]:
+    """A copy of all of ``running`` in one round trip."""
+    return shared.running.copy()
+
+
+def state_snapshot(shared: Shared) -> Dict[str, Any]:
+    """A copy of all of ``state`` in one round trip."""
+    return shared.state.copy()
