@@ -177,6 +177,24 @@ def test_job_dies_with_a_sigkilled_wrapper(server, marker):
         proc.wait()
 
 
+def test_sigterm_to_the_wrapper_stops_the_job_and_reports_143(server, marker):
+    env = wrapper_env(marker, SP_FOREGROUND="1")
+    proc = subprocess.Popen([sys.executable, "-m", "wrapper", server.url, "job", "job_12",
+                             "m1", "echo begun; sleep 60 & sleep 61"], env=env,
+                            cwd=str(REPO), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        server.wait_for("start")
+        wait_for(lambda: len(live_pids(marker)) >= 5, message="job's processes running")
+        proc.terminate()
+        assert server.wait_for("complete")["retcode"] == 143
+        assert proc.wait(10) == 0
+        wait_for(lambda: not live_pids(marker), timeout=10, message="no process left")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_output_bytes_survive_exactly_including_invalid_utf8(server, marker):
     # A two-byte character split across writes, invalid bytes, and bytes on stderr.
     command = (r"printf 'caf\303'; sleep 0.2; printf '\251 \377\376 end'; "

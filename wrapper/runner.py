@@ -820,6 +820,9 @@ def run(config: Config) -> int:
             session.finish()
             return EXIT_OK
         session.send("start", pid=pid)
+        # Stopped from outside (say, the minion shuts down): stop the job the same way
+        # as a kill from the server, and still report how it ended.
+        signal.signal(signal.SIGTERM, lambda signum, frame: job.kill("shutdown"))
         job.stream()
         session.start(ws)
         ticker = threading.Thread(target=job.tick_forever, name="sp-tick", daemon=True)
