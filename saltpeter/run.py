@@ -173,10 +173,18 @@ def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> L
     try:
         responding, silent = ctx.executor.resolve_targets(job)
     except ExecutorError as exc:
+        # Salt is down: the machines we know of (listed, or those of the last run) get
+        # 255 with the reason, so the failure shows where people look.
         log.error("instance %s: cannot resolve targets %r: %s", instance, job.targets, exc)
-        responding, silent = [], []
-        shared_state.update_job(shared, job.name, job.group,
-                                error="cannot resolve targets: %s" % exc)
+        known = _known_targets(shared, job)
+        shared_state.init_results(shared, job.name, job.group, known, started)
+        shared_state.set_instance_machines(shared, job.name, instance, known)
+        for machine in known:
+            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                    "[saltpeter] cannot reach the targets: %s\n" % exc)
+        if not known:
+            ctx.joblog.no_targets(job.name, job.group, instance, started)
+        return []
     maintenance = shared_state.get_config(shared).get("maintenance", {})
     in_maintenance = set(maintenance.get("machines") or [])
     for machine in sorted(in_maintenance & set(responding + silent)):
@@ -195,6 +203,16 @@ def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> L
     for machine in silent:
         _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE, "Target did not respond")
     return responding
+
+
+def _known_targets(shared, job) -> List[str]:
+    """The machines a job is known to run on without asking Salt: an explicit list, or
+    the targets of its last run."""
+    if job.target_type == "list":
+        listed = job.targets if isinstance(job.targets, list) else str(job.targets).split(",")
+        return sorted({name.strip() for name in listed if name.strip()})
+    previous = shared_state.get_job(shared, job.name) or {}
+    return list(previous.get("targets") or [])
 
 
 def _launch(ctx: RunContext, job, instance: str, machines: List[str]) -> Dict[str, float]:

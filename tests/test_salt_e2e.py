@@ -166,3 +166,23 @@ def test_stopped_minion_gives_255_while_the_other_succeeds(salt_daemon, salt_clu
         assert "Target did not respond" in results["minion-b"][1]
     finally:
         salt_cluster.start_minion("minion-b")
+
+
+def test_salt_master_down_gives_255_and_the_daemon_keeps_scheduling(daemon_factory, tmp_path):
+    """No master listens on the configured ports: every run fails with a clear error and
+    255 for the listed machines, and the next runs still fire."""
+    master = tmp_path / "master"
+    master.write_text("root_dir: %s\ninterface: 127.0.0.1\npublish_port: 1\nret_port: 2\n"
+                      % tmp_path)
+    daemon = daemon_factory(local=False, extra_args=["--salt-config", str(master)])
+    write_job(daemon.config_dir, "fleet", job_yaml(
+        "unreachable", "echo never", targets="'minion-x,minion-y'", target_type="list"))
+    daemon.start()
+
+    def two_runs():
+        blocks = [m.groupdict() for m in RESULT_BLOCK.finditer(daemon.log("unreachable"))]
+        return len({b["instance"] for b in blocks}) >= 2 and blocks
+    blocks = wait_for(two_runs, timeout=30, message="two failed runs")
+    assert {b["machine"] for b in blocks} == {"minion-x", "minion-y"}
+    assert all(b["code"] == "255" and "cannot be reached" in b["output"] for b in blocks)
+    assert "cannot resolve targets" in daemon.output()
