@@ -28,7 +28,7 @@ import functools
 import heapq
 import logging
 import os
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Dict, List, Optional, Tuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -42,6 +42,9 @@ _LOCALTIME = "/etc/localtime"
 # Fleets share a few schedules ("0 * * * *"), and the crontab search costs up to a
 # millisecond, so equal (schedule, after, zone) questions are answered once.
 _NEXT_AFTER_CACHE_SIZE = 4096
+# next_after() is strictly-after on whole seconds; asking from just before a moment gives
+# the first fire time at or after it.
+_JUST_BEFORE = timedelta(microseconds=1)
 _ZONEINFO_MARKER = "zoneinfo/"
 
 
@@ -236,14 +239,20 @@ class DueQueue:
         self._drop_stale_top()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: datetime) -> List[Tuple[str, datetime]]:
+    def pop_due(self, now: datetime,
+                max_lateness: Optional[float] = None) -> List[Tuple[str, datetime]]:
         """Every ``(job_name, fire_time)`` with ``fire_time <= now``, in time order.
 
         Each due fire time is returned exactly once, and its job is queued again from that
         fire time (not from ``now``), so a loop that woke up late still sees every fire
         time it slept through, none skipped and none doubled.
+
+        With ``max_lateness`` (seconds), fire times older than ``now - max_lateness`` are
+        dropped with a warning instead (after a suspend or a clock jump, an every-second
+        job would otherwise fire once per second missed); the job resumes after that cutoff.
         """
         now_utc = _as_utc(now)
+        cutoff = None if max_lateness is None else now_utc - timedelta(seconds=max_lateness)
         due: List[Tuple[str, datetime]] = []
         while True:
             self._drop_stale_top()
@@ -251,8 +260,13 @@ class DueQueue:
                 return due
             fire_time, job_name, _generation = heapq.heappop(self._heap)
             _generation, _fire_time, cron_schedule, tz = self._live.pop(job_name)
-            due.append((job_name, fire_time))
-            following = cron_schedule.next_after(fire_time, tz)
+            if cutoff is not None and fire_time < cutoff:
+                log.warning("schedule: job %s: dropping fire times from %s to %s, more than "
+                            "%s s late", job_name, fire_time, cutoff, max_lateness)
+                following = cron_schedule.next_after(cutoff - _JUST_BEFORE, tz)
+            else:
+                due.append((job_name, fire_time))
+                following = cron_schedule.next_after(fire_time, tz)
             if following is not None:
                 self._push(job_name, following, cron_schedule, tz)
 

@@ -316,3 +316,26 @@ def test_repeated_replacement_keeps_the_heap_bounded():
         queue.schedule("reloaded", cron, UTC, now)
     assert len(queue._heap) < 200
     assert queue.pop_due(utc(2024, 1, 1, 0, 1)) == [("reloaded", utc(2024, 1, 1, 0, 1))]
+
+
+def test_max_lateness_drops_fire_times_missed_long_ago(caplog):
+    queue = DueQueue()
+    start = utc(2024, 1, 1, 12, 0, 0)
+    queue.schedule("tick", every_second(), UTC, start)
+    queue.schedule("hourly", CronSchedule("0", "0", "*", "*", "*", "*"), UTC, start)
+    # The host was suspended for a day: only fire times at most 2 s late still fire.
+    woke = utc(2024, 1, 2, 12, 0, 0) + timedelta(seconds=0.5)
+    with caplog.at_level("WARNING"):
+        fired = queue.pop_due(woke, max_lateness=2)
+    assert fired == [("tick", utc(2024, 1, 2, 11, 59, 59)), ("hourly", utc(2024, 1, 2, 12)),
+                     ("tick", utc(2024, 1, 2, 12))]
+    assert "job tick: dropping" in caplog.text and "job hourly: dropping" in caplog.text
+    assert queue.peek("tick") == utc(2024, 1, 2, 12, 0, 1)
+    assert queue.peek("hourly") == utc(2024, 1, 2, 13)
+
+
+def test_max_lateness_keeps_a_fire_time_exactly_at_the_cutoff():
+    queue = DueQueue()
+    queue.schedule("tick", every_second(), UTC, utc(2024, 1, 1, 0, 0, 0))
+    fired = queue.pop_due(utc(2024, 1, 1, 0, 0, 10), max_lateness=2)
+    assert [t.second for _, t in fired] == [8, 9, 10]
