@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25            # seconds between cheap looks at the shared state
 PUSH_INTERVAL = 2.0             # every socket gets a full refresh at least this often
+ACCESS_REFRESH_INTERVAL = 1.0   # seconds between looks at the config's saltpeter_api section
 SHUTDOWN_CLOSE_WAIT = 2.0       # seconds given to open connections when the API stops
 MAX_WS_MESSAGE = 64 * 1024      # client commands are tiny
 MAX_HTTP_BODY = 64 * 1024
@@ -750,9 +751,27 @@ class ApiContext:
         self.options = options
         self.read_only = bool(options.get("read_only"))
         self.auth = Authenticator(options.get("auth_users"))
+        self.access_serial = 0.0
         self.timeline = TimelineSource(shared.statedir, SearchIndex.from_options(options))
         self.result_memory: Dict[str, bool] = {}
         self.broadcaster = Broadcaster(self)
+
+    def refresh_access(self) -> None:
+        """Take the config's ``saltpeter_api`` section (users, read_only) once the daemon
+        has published one; it replaces what ``options`` said."""
+        try:
+            access = state.get_access(self.shared)
+        except Exception as exc:   # the Manager going away at shutdown
+            log.debug("cannot read API access settings: %r", exc)
+            return
+        serial = access.get("serial") or 0.0
+        if serial and serial != self.access_serial:
+            self.access_serial = serial
+            self.read_only = bool(access.get("read_only"))
+            self.auth = Authenticator(access.get("users"))
+            log.info("API access: %s, %s", "basic auth for %d user(s)" % len(self.auth.users)
+                     if self.auth.enabled else "open", "read-only" if self.read_only
+                     else "read-write")
 
     def refuse_if_read_only(self, command: str) -> None:
         if self.read_only:
@@ -796,6 +815,9 @@ async def serve(shared: state.Shared, host: str, port: int,
     """Serve the API on ``host:port`` until one of ``stop_signals`` arrives, then close
     the listener and every connection."""
     app, api = make_app(shared, options)
+    api.refresh_access()            # before the first request is served
+    access_poller = PeriodicCallback(api.refresh_access, ACCESS_REFRESH_INTERVAL * 1000)
+    access_poller.start()
     server = app.listen(port, address=host or "", max_body_size=MAX_HTTP_BODY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -809,6 +831,7 @@ async def serve(shared: state.Shared, host: str, port: int,
         await stop.wait()
     finally:
         log.info("API stopping")
+        access_poller.stop()
         server.stop()
         api.broadcaster.stop()
         try:

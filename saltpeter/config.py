@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from saltpeter.constants import (ALLOW_OVERLAP_PHRASE, CONFIG_FILE_SUFFIX,
+from saltpeter.constants import (ALLOW_OVERLAP_PHRASE, API_ACCESS_KEY, CONFIG_FILE_SUFFIX,
                                  LEGACY_CONFIG_KEY, MAINTENANCE_KEY, TARGET_TYPES)
 from saltpeter.schedule import CronSchedule, ScheduleError
 
@@ -100,6 +100,8 @@ class ConfigSnapshot:
     maintenance: Dict[str, Any]
     errors: List[str]
     serial: float
+    api_access: Dict[str, Any] = field(default_factory=lambda: {"read_only": False,
+                                                                 "users": {}})
 
 
 # --- one job -----------------------------------------------------------------------------
@@ -298,7 +300,29 @@ class _ParsedFile:
     signature: Tuple[int, int, int]
     jobs: Dict[str, Job] = field(default_factory=dict)
     maintenance: Optional[Dict[str, Any]] = None
+    api_access: Optional[Dict[str, Any]] = None
     errors: List[str] = field(default_factory=list)
+
+
+PASSWORD_HASH_PREFIX = "pbkdf2_sha256$"
+
+
+def _parse_api_access(value) -> Dict[str, Any]:
+    """``saltpeter_api: {read_only: bool, users: {name: password hash}}``; the hashes are
+    what ``saltpeter --hash-password`` prints."""
+    if value is None:
+        return {"read_only": False, "users": {}}
+    if not isinstance(value, dict):
+        raise JobError("expected a mapping with 'read_only' and 'users', got %r" % (value,))
+    read_only = _parse_bool(value, "read_only", False)
+    users = value.get("users") or {}
+    if not isinstance(users, dict):
+        raise _bad("users", "expected a mapping of user names to password hashes")
+    for user, stored in users.items():
+        if not isinstance(stored, str) or not stored.startswith(PASSWORD_HASH_PREFIX):
+            raise _bad("users", "user %r: expected a hash made by 'saltpeter "
+                                "--hash-password' (%s...)" % (user, PASSWORD_HASH_PREFIX))
+    return {"read_only": read_only, "users": {str(k): v for k, v in users.items()}}
 
 
 def _parse_maintenance(value) -> Dict[str, Any]:
@@ -361,6 +385,12 @@ def _parse_file(path: str, group: str, signature) -> _ParsedFile:
                 parsed.maintenance = _parse_maintenance(data)
             except JobError as exc:
                 problem("%s: %s: %s" % (path, MAINTENANCE_KEY, exc))
+            continue
+        if key == API_ACCESS_KEY:
+            try:
+                parsed.api_access = _parse_api_access(data)
+            except JobError as exc:
+                problem("%s: %s: %s" % (path, API_ACCESS_KEY, exc))
             continue
         name = str(key)
         name_problem = _job_name_problem(name)
@@ -440,6 +470,7 @@ class ConfigDir:
         errors: List[str] = []
         duplicates = set()
         maintenance = {"global": False, "machines": set()}
+        api_access = {"read_only": False, "users": {}}
 
         paths = sorted(self._files)
         for path in paths:
@@ -448,6 +479,9 @@ class ConfigDir:
             if parsed.maintenance is not None:
                 maintenance["global"] = maintenance["global"] or parsed.maintenance["global"]
                 maintenance["machines"].update(parsed.maintenance["machines"])
+            if parsed.api_access is not None:
+                api_access["read_only"] = api_access["read_only"] or parsed.api_access["read_only"]
+                api_access["users"].update(parsed.api_access["users"])
 
         # Which file owns each name: the one that already did, else the first by file name.
         for path in paths:
@@ -480,4 +514,5 @@ class ConfigDir:
                          "machines": sorted(maintenance["machines"])},
             errors=errors,
             serial=serial,
+            api_access=api_access,
         )

@@ -35,6 +35,7 @@ ALLOW_OVERLAP_PHRASE = "i know what i am doing!"
 # Config directory (SPEC section 4).
 CONFIG_FILE_SUFFIX = ".yaml"
 MAINTENANCE_KEY = "saltpeter_maintenance"
+API_ACCESS_KEY = "saltpeter_api"            # API access control: users and read_only
 LEGACY_CONFIG_KEY = "saltpeter_config"     # legacy daemon settings key: tolerated, ignored
 TARGET_TYPES = ("glob", "pcre", "list", "grain", "grain_pcre", "pillar", "pillar_pcre",
                 "nodegroup", "range", "compound", "ipcidr")

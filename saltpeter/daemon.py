@@ -37,6 +37,9 @@ log = logging.getLogger("saltpeter")
 
 MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
 MAX_MISSED_COUNTED = 1000  # missed fire times counted one by one, after a long downtime
+# A fire time later than this (a suspended host, a clock jump) is dropped with a warning
+# instead of replayed: an every-second job would otherwise fire thousands of times at once.
+MAX_FIRE_LATENESS = 300.0
 # Benchmarks and tests only: ``module:Class`` of an executor to use instead of Salt/local.
 TEST_EXECUTOR_VARIABLE = "SALTPETER_TEST_EXECUTOR"
 
@@ -65,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-i", "--index", default="saltpeter",
                         help="search index prefix (default: saltpeter)")
     parser.add_argument("-v", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--hash-password", action="store_true",
+                        help="read a password on standard input, print its hash for the "
+                             "users of the saltpeter_api config section, and exit")
     parser.add_argument("-w", "--websocket-port", type=int, default=8889,
                         help="port of the wrappers' WebSocket server (default: 8889)")
     parser.add_argument("--websocket-host", default="0.0.0.0",
@@ -207,6 +213,7 @@ class Daemon:
         self.jobs: Dict[str, object] = {}
         self.schedules: Dict[str, CronSchedule] = {}
         self.maintenance = {"global": False, "machines": []}
+        self.api_access = {"read_only": False, "users": {}}
         self.workers: Dict[str, multiprocessing.Process] = {}      # instance -> process
         self.instances_by_job: Dict[str, Set[str]] = {}
         self.services: Dict[str, multiprocessing.Process] = {}
@@ -220,7 +227,8 @@ class Daemon:
     # ------------------------------------------------------------ start and stop
 
     def start(self, snapshot) -> None:
-        """Start the Manager and the service processes, then apply the first config."""
+        """Start the Manager, apply the first config (so that API access control is in
+        force before the API serves anyone), then start the service processes."""
         args = self.args
         self.manager = SyncManager()
         self.manager.start(_ignore_signals)
@@ -234,6 +242,7 @@ class Daemon:
                               connect_deadline=args.wrapper_connect_timeout,
                               legacy=args.legacy, token_for=partial(instance_token, key),
                               wrapper_options=wrapper_options)
+        self.apply_config(snapshot)
         if not args.legacy:
             server_key = None if args.no_wrapper_auth else key
             self._start_service("websocket", _wsserver_main,
@@ -246,7 +255,6 @@ class Daemon:
                                                    self._api_options()))
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        self.apply_config(snapshot)
         self.adopt_instances()
         self.account_for_downtime()
 
@@ -368,7 +376,7 @@ class Daemon:
                 self.reload_config()
                 next_config_check = now + CONFIG_CHECK_INTERVAL
             now_dt = datetime.now(timezone.utc)
-            for job_name, fire_time in self.due.pop_due(now_dt):
+            for job_name, fire_time in self.due.pop_due(now_dt, MAX_FIRE_LATENESS):
                 self.fire(job_name, fire_time)
             self.ledger.save()
             self.reap()
@@ -422,6 +430,9 @@ class Daemon:
             except ScheduleError as exc:    # config.py validated it; belt and braces
                 log.error("job %s: %s", job_name, exc)
                 continue
+            log.info("job %s: %s", job_name, "changed" if previous else "loaded")
+            if schedule == self.schedules.get(job_name):
+                continue    # same schedule: a fire time already due must not be lost
             self.schedules[job_name] = schedule
             last_fired = self.ledger.get(job_name)
             after = now
@@ -430,12 +441,14 @@ class Daemon:
             self.due.schedule(job_name, schedule, self.tz, after)
             shared_state.update_job(self.shared, job_name, job.group,
                                     next_run=self.due.peek(job_name) or "")
-            log.info("job %s: %s", job_name, "changed" if previous else "loaded")
         self.jobs = dict(snapshot.jobs)
         self.maintenance = snapshot.maintenance
         shared_state.publish_config(self.shared,
                                     {name: job.raw for name, job in self.jobs.items()},
                                     self.maintenance, snapshot.serial)
+        if snapshot.api_access != self.api_access:
+            self.api_access = snapshot.api_access
+            shared_state.publish_access(self.shared, snapshot.api_access, snapshot.serial)
 
     def fire(self, job_name: str, fire_time: datetime, scheduled: bool = True) -> None:
         job = self.jobs.get(job_name)
@@ -507,11 +520,25 @@ def _check_dirs(args) -> Optional[str]:
     return None
 
 
+def _print_password_hash() -> int:
+    from getpass import getpass
+    from saltpeter.api import hash_password
+    password = getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
+    password = password.rstrip("\n")
+    if not password:
+        sys.stderr.write("saltpeter: error: empty password\n")
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.version:
         print("saltpeter %s" % __version__)
         return 0
+    if args.hash_password:
+        return _print_password_hash()
     problem = _check_dirs(args)
     if problem:
         sys.stderr.write("saltpeter: error: %s\n" % problem)

@@ -41,6 +41,7 @@ class Shared:
     liveness: Any
     kills: Any
     config: Any
+    access: Any                        # API access control: read_only, users, serial
     locks: List[Any]
     scheduler_commands: Any            # multiprocessing.Queue: ('run', job_name)
     ws_commands: Any                   # multiprocessing.Queue: ('register', instance, job,
@@ -65,6 +66,7 @@ def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
         kills=manager.dict(),
         config=manager.dict({"crons": {}, "maintenance": {"global": False, "machines": []},
                              "serial": 0.0}),
+        access=manager.dict({"read_only": False, "users": {}, "serial": 0.0}),
         locks=[manager.Lock() for _ in range(LOCK_POOL_SIZE)],
         scheduler_commands=multiprocessing.Queue(),
         ws_commands=multiprocessing.Queue(),
@@ -271,6 +273,17 @@ def publish_config(shared: Shared, crons: Dict[str, Any], maintenance: Dict[str,
 
 def get_config(shared: Shared) -> Dict[str, Any]:
     return dict(shared.config)
+
+
+def publish_access(shared: Shared, access: Dict[str, Any], serial: float) -> None:
+    """API access control from the config; kept apart from ``config``, which the API
+    shows to everyone, because it holds password hashes."""
+    shared.access.update({"read_only": bool(access.get("read_only")),
+                          "users": dict(access.get("users") or {}), "serial": serial})
+
+
+def get_access(shared: Shared) -> Dict[str, Any]:
+    return dict(shared.access)
 
 
 def config_serial(shared: Shared) -> float:

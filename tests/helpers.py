@@ -122,15 +122,18 @@ class Daemon:
                      timeout=20, message="legacy daemon started")
         else:
             wait_for(self._ws_listening, timeout=20, message="daemon WebSocket port")
-        if self.api:
-            wait_for(lambda: self.http_get("/version"), timeout=20, message="daemon API")
+        if self.api:   # a TCP accept, since the API may demand a password
+            wait_for(lambda: self._listening(self.api_port), timeout=20, message="daemon API")
         return self
 
     def _ws_listening(self):
+        return self._listening(self.ws_port)
+
+    def _listening(self, port):
         if self.proc.poll() is not None:
             raise AssertionError("daemon exited with %s:\n%s" % (self.proc.returncode,
                                                                  self.output()))
-        with socket.create_connection(("127.0.0.1", self.ws_port), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
 
     def output(self) -> str:
