@@ -50,11 +50,14 @@ class JobLog:
                     % (instance, _format_time(moment)))
         self._record("start", job_name, group, instance, moment)
 
-    def machine_start(self, job_name: str, group: str, instance: str, machine: str,
-                      moment: datetime) -> None:
-        self._write(job_name, "###### Starting %s on %s at %s ################\n"
-                    % (instance, machine, _format_time(moment)))
-        self._record("machine_start", job_name, group, instance, moment, machine=machine)
+    def machine_starts(self, job_name: str, group: str, instance: str, machines,
+                       moment: datetime) -> None:
+        """The start line of each of ``machines``, in one write."""
+        when = _format_time(moment)
+        self._write(job_name, "".join("###### Starting %s on %s at %s ################\n"
+                                      % (instance, machine, when) for machine in machines))
+        self._record_many([("machine_start", job_name, group, instance, moment, machine)
+                           for machine in machines])
 
     def machine_result(self, job_name: str, group: str, instance: str, machine: str,
                        retcode: int, moment: datetime, output_path: Optional[str] = None,
@@ -121,27 +124,37 @@ class JobLog:
     def _record(self, msg_type: str, job_name: str, group: str, instance: str,
                 moment: datetime, machine: str = "", ret_code: int = 0,
                 output: str = "") -> None:
-        moment = moment.astimezone(timezone.utc)
-        event = {"cron": job_name, "group": group, "job_instance": instance,
-                 "machine": machine, "msg_type": msg_type, "ret_code": ret_code,
-                 "timestamp": moment.isoformat()}
+        self._record_many([(msg_type, job_name, group, instance, moment, machine, ret_code,
+                            output)])
+
+    def _record_many(self, events) -> None:
+        """Append events ``(msg_type, job, group, instance, moment[, machine[, ret_code[,
+        output]]])`` to the run history in one write, and index each if configured."""
+        lines, docs = [], []
+        for event in events:
+            msg_type, job_name, group, instance, moment = event[:5]
+            machine, ret_code, output = (tuple(event[5:]) + ("", 0, ""))[:3]
+            stamp = moment.astimezone(timezone.utc).isoformat()
+            lines.append(json.dumps({"cron": job_name, "group": group,
+                                     "job_instance": instance, "machine": machine,
+                                     "msg_type": msg_type, "ret_code": ret_code,
+                                     "timestamp": stamp}) + "\n")
+            docs.append({"job_name": job_name, "group": group, "job_instance": instance,
+                         "@timestamp": stamp, "return_code": ret_code, "machine": machine,
+                         "output": output, "msg_type": msg_type})
         try:
             with _LockedAppend(os.path.join(self.statedir, HISTORY_FILE)) as handle:
-                handle.write((json.dumps(event) + "\n").encode())
+                handle.write("".join(lines).encode())
         except OSError as exc:
-            log.error("job %s instance %s: cannot append run history: %s",
-                      job_name, instance, exc)
-        if not self.search_indexes:
-            return
-        doc = {"job_name": job_name, "group": group, "job_instance": instance,
-               "@timestamp": moment.isoformat(), "return_code": ret_code,
-               "machine": machine, "output": output, "msg_type": msg_type}
+            log.error("cannot append %d event(s) to the run history: %s", len(lines), exc)
         for index in self.search_indexes:
-            try:
-                index.index_event(doc)
-            except Exception as exc:  # any failure of the engine: one line, job goes on
-                log.error("job %s instance %s: cannot index %s event into %s: %s",
-                          job_name, instance, msg_type, index, exc)
+            for doc in docs:
+                try:
+                    index.index_event(doc)
+                except Exception as exc:  # any failure of the engine: one line, job goes on
+                    log.error("job %s instance %s: cannot index %s event into %s: %s",
+                              doc["job_name"], doc["job_instance"], doc["msg_type"], index,
+                              exc)
 
 
 class _LockedAppend:

@@ -71,9 +71,11 @@ class InstanceRecord:
         todo = [m for m in self.data["todo"] if m not in times]
         self.save(launched=launched, todo=todo)
 
-    def logged(self, machine: str) -> None:
-        if machine not in self.data["logged"]:
-            self.save(logged=self.data["logged"] + [machine])
+    def logged(self, machines: List[str]) -> None:
+        """Note that the results of ``machines`` are in the log file (one write for all)."""
+        new = [m for m in machines if m not in self.data["logged"]]
+        if new:
+            self.save(logged=self.data["logged"] + new)
 
 
 def run(ctx: RunContext, job, instance: str) -> None:
@@ -236,9 +238,7 @@ def _launch(ctx: RunContext, job, instance: str, machines: List[str]) -> Dict[st
     if ctx.token_for is not None:
         env["SP_TOKEN"] = ctx.token_for(instance)
     env.update(ctx.wrapper_options)
-    now = utcnow()
-    for machine in machines:
-        ctx.joblog.machine_start(job.name, job.group, instance, machine, now)
+    ctx.joblog.machine_starts(job.name, job.group, instance, machines, utcnow())
     try:
         failures = ctx.executor.launch(job, instance, machines, env)
     except ExecutorError as exc:
@@ -272,8 +272,11 @@ def _record(ctx: RunContext, job, instance: str, machine: str, retcode: int,
     return True
 
 
-def _write_result_log(ctx: RunContext, job, instance: str, machine: str, note: str = "") -> None:
-    result = shared_state.get_result(ctx.shared, job.name, machine) or {}
+def _write_result_log(ctx: RunContext, job, instance: str, machine: str, note: str = "",
+                      result: Optional[Dict] = None) -> None:
+    """The log block of ``machine``'s final ``result`` (read from the state if not given)."""
+    if result is None:
+        result = shared_state.get_result(ctx.shared, job.name, machine) or {}
     retcode = result.get("retcode", RETCODE_NO_RESPONSE)
     endtime = result.get("endtime") or utcnow()
     ctx.joblog.machine_result(job.name, job.group, instance, machine,
@@ -302,12 +305,17 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
     timeout_requested = False
     while unlogged:
         still_running = set(shared_state.instance_machines(shared, instance))
-        for machine in sorted(unlogged - still_running):
-            if machine in pending:      # finalised by the WebSocket server: log it here
-                _write_result_log(ctx, job, instance, machine)
-            unlogged.discard(machine)
+        finished_now = sorted(unlogged - still_running)
+        if finished_now:
+            # finalised by the WebSocket server: log them here, reading the state once
+            results = (shared_state.get_job(shared, job.name) or {}).get("results", {})
+            for machine in finished_now:
+                if machine in pending:
+                    _write_result_log(ctx, job, instance, machine,
+                                      result=results.get(machine) or {})
+            unlogged.difference_update(finished_now)
             if record is not None:
-                record.logged(machine)
+                record.logged(finished_now)
         pending &= still_running
         if not pending:
             break
@@ -352,7 +360,7 @@ def _finalise(ctx, job, instance, machine, retcode, pending, unlogged, note, rec
     pending.discard(machine)
     unlogged.discard(machine)
     if record is not None:
-        record.logged(machine)
+        record.logged([machine])
 
 
 def processresults(ctx: RunContext, job, instance: str, machines: List[str]) -> None:
@@ -361,9 +369,7 @@ def processresults(ctx: RunContext, job, instance: str, machines: List[str]) -> 
     shared = ctx.shared
     started = time.time()
     pending = set(machines)
-    now = utcnow()
-    for machine in machines:
-        ctx.joblog.machine_start(job.name, job.group, instance, machine, now)
+    ctx.joblog.machine_starts(job.name, job.group, instance, machines, utcnow())
 
     def on_result(machine, retcode, output):
         kill = shared_state.get_kills(shared, instance).get(machine)
