@@ -58,6 +58,7 @@ class WrapperSession:
         self.spool = SpoolFile(spool_path(statedir, instance, machine))
         self.tail = OutputTail(ret_cap)
         self.last_seq = 0
+        self.checkpointed_size = 0       # spool size covered by the on-disk checkpoint
         self.connection = None
         self.connected = False
         self.last_seen = 0.0
@@ -111,7 +112,7 @@ class WebSocketServer:
             await self._flush_once()
         for session in self.sessions.values():
             if not session.finished:
-                save_checkpoint(session.spool, session.last_seq)
+                self._checkpoint(session)
             session.spool.close()
         log.info("WebSocket server stopped")
 
@@ -129,6 +130,7 @@ class WebSocketServer:
                     continue
                 session = self._session_for(instance, machine, job_name)
                 session.last_seq = restore_checkpoint(session.spool)
+                session.checkpointed_size = session.spool.size
                 session.tail = read_tail(session.spool.path, self.shared.ret_cap)
                 if os.path.exists(session.spool.path + ".result"):
                     session.finished = True
@@ -271,7 +273,7 @@ class WebSocketServer:
             ack_state["pending"] = False
             if not session.finished:
                 # acknowledge only what is on disk: a crash must not lose acked output
-                save_checkpoint(session.spool, session.last_seq)
+                self._checkpoint(session)
             try:
                 await connection.send(encode(server_message("ack", ack=session.last_seq)))
             except ConnectionClosed:
@@ -279,6 +281,18 @@ class WebSocketServer:
         if now or not ack_state["pending"]:
             ack_state["pending"] = True
             asyncio.ensure_future(send_ack())
+
+    @staticmethod
+    def _checkpoint(session: WrapperSession) -> None:
+        """Put on disk the seq an ack covers, if output came since the last checkpoint.
+
+        Without new output the last checkpoint still covers every acked byte: after a
+        crash the wrapper resends only messages past its ack, and those between the two
+        seqs held no output, so nothing is lost or doubled. A heartbeat-only wrapper
+        (which has no spool directory) thus costs no file write per ack."""
+        if session.spool.size != session.checkpointed_size:
+            save_checkpoint(session.spool, session.last_seq)
+            session.checkpointed_size = session.spool.size
 
     async def _send_kill(self, session: WrapperSession) -> None:
         connection = session.connection
