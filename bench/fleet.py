@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (PYTHON, REPO, ProcessMeter, free_port, kill_marked,  # noqa: E402
                           log_times, measure_window, next_whole_second, once_at,
                           percentile, print_table, read_reports, spread, start_daemon,
-                          write_jobs)
+                          wait_for, write_jobs)
 
 SIMWRAPPER = str(REPO / "bench" / "simwrapper.py")
 COLUMNS = ["server", "wrappers", "CPU % of one core", "CPU ratio to sink", "peak RSS MB",
@@ -129,22 +129,20 @@ def run_saltpeter(args, tmp: Path):
         window_start = time.time()
         cpu = measure_window(meter, args.window)
         window_end = time.time()
-        deadline = time.monotonic() + args.hold + 120
-        while time.monotonic() < deadline:
-            if instance in log_times(daemon.log("fleet"), "Finished"):
-                break
-            meter.sample()
-            time.sleep(0.5)
-        reports = read_reports(daemon.tmp / "reports", "fleet_*.json")
+        time.sleep(2)   # the probe rewrites its report every 3 samples
         probes = read_reports(daemon.tmp / "reports", "probe_*.probe.json")
         samples = [lat for p in probes for sent, lat in p["samples"]
                    if window_start <= sent <= window_end]
-        finished = instance in log_times(daemon.log("fleet"), "Finished")
+        # no need to wait for the run's end: stopping the daemon closes every connection
+        # and the load generators write their reports
+        daemon.stop(timeout=60)
+        reports = wait_for(lambda: (lambda r: r if len(r) == args.procs else None)(
+            read_reports(daemon.tmp / "reports", "fleet_*.json")), timeout=60,
+            message="load generator reports")
         return {"cpu": cpu, "rss": meter.peak_rss / 1e6, "rate": setup_rate(reports),
                 "refused": sum(r["refused"] for r in reports) if reports else None,
                 "p50": percentile(samples, 50) * 1000, "p99": percentile(samples, 99) * 1000,
-                "samples": len(samples), "finished": finished,
-                "errors": [r["errors"] for r in reports]}
+                "samples": len(samples), "errors": [r["errors"] for r in reports]}
     finally:
         daemon.stop(timeout=60)
         daemon.kill_everything()
@@ -166,7 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sink", action="store_true")
     args = parser.parse_args(argv)
     if args.hold is None:
-        args.hold = args.window + 15 + args.wrappers / 400
+        args.hold = args.window + 20 + args.wrappers / 400
     sink_runs, sp_runs = [], []
     with tempfile.TemporaryDirectory(prefix="sp-bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
@@ -186,7 +184,8 @@ def main(argv=None) -> int:
                      "1", spread([r["rss"] for r in sink_runs], "%.0f"),
                      spread([r["rate"] for r in sink_runs], "%.0f"),
                      spread([r["refused"] for r in sink_runs], "%d"), "n/a", "n/a"])
-    ratio = ([r["cpu"] / sink_cpu[len(sink_cpu) // 2] for r in sp_runs] if sink_runs else [])
+    sink_median = sink_cpu[len(sink_cpu) // 2] if sink_cpu else 0.0
+    ratio = [r["cpu"] / sink_median for r in sp_runs] if sink_median > 0 else []
     rows.append(["saltpeter (%s)" % args.protocol, args.wrappers,
                  spread([r["cpu"] for r in sp_runs]), spread(ratio, "%.2f") if ratio else "n/a",
                  spread([r["rss"] for r in sp_runs], "%.0f"),

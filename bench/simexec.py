@@ -126,7 +126,12 @@ class SimExecutor(Executor):
                         break
                     time.sleep(PROBE_POLL)
                 latencies.append((sent, time.time() - sent))
+                if len(latencies) % 3 == 0:
+                    self._probe_report(instance, latencies)
             ws.send(frame("complete", retcode=0, output=""))
+        self._probe_report(instance, latencies)
+
+    def _probe_report(self, instance, latencies) -> None:
         path = os.path.join(self.report_dir, "%s.probe.json" % instance)
         with open(path + ".tmp", "w") as handle:
             json.dump({"instance": instance, "samples": latencies}, handle)
