@@ -91,10 +91,13 @@ class ProcessMeter:
         self.last_cpu = {}
         self.peak_rss = 0
         self.names = {}
+        self.exclude = set()      # pids not counted (a measuring probe)
 
     def sample(self) -> None:
         total_rss = 0
         for pid in descendants(self.root):
+            if pid in self.exclude:
+                continue
             try:
                 cpu = cpu_seconds(pid)
                 total_rss += rss_bytes(pid)

@@ -4,7 +4,8 @@ heartbeating every 5 s, against the bare sink and against the real daemon.
 For each run: CPU (user+sys, percent of one core) over a steady window once every
 wrapper is connected, peak RSS, connection setup rate, refused connections, and for the
 daemon the heartbeat-to-state latency measured by a probe wrapper inside a per-run worker
-(send a heartbeat, poll the Manager's ``liveness`` until it shows it).
+(send a heartbeat, poll the Manager's ``liveness`` every 20 ms until it shows it; that
+probe worker's own CPU is left out, the Manager's work for it is not).
 
 Saltpeter's CPU and RSS are the sums over the daemon's main process and every process
 below it (Manager, WebSocket server, per-run workers); the load generators are not
@@ -126,6 +127,8 @@ def run_saltpeter(args, tmp: Path):
             meter.sample()
             time.sleep(0.2)
         wait_connected(daemon.ws_port, args.wrappers + 1)
+        for pid_file in (daemon.tmp / "reports").glob("probe_*.probe.pid"):
+            meter.exclude.add(int(pid_file.read_text()))
         window_start = time.time()
         cpu = measure_window(meter, args.window)
         window_end = time.time()
