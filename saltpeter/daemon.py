@@ -32,6 +32,7 @@ from saltpeter.joblog import JobLog
 from saltpeter.records import FireLedger, load_instances
 from saltpeter.run import RunContext, adopt, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
+from saltpeter.wsserver import DEFAULT_MAX_FRAME
 
 log = logging.getLogger("saltpeter")
 
@@ -93,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-cap", type=int, default=DEFAULT_RET_CAP,
                         help="characters of output kept in the live state per machine; the "
                              "log file always has all of it (default: %d)" % DEFAULT_RET_CAP)
+    parser.add_argument("--websocket-max-frame", type=int, default=DEFAULT_MAX_FRAME,
+                        metavar="BYTES",
+                        help="largest message a wrapper may send; a larger one closes its "
+                             "connection (default: %d)" % DEFAULT_MAX_FRAME)
     parser.add_argument("--websocket-cert", default=None, metavar="FILE",
                         help="serve wss:// with this certificate (PEM; needs --websocket-key)")
     parser.add_argument("--websocket-key", default=None, metavar="FILE",
@@ -122,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("argument --%s: %d is not a TCP port" % (name.replace("_", "-"), value))
     if args.wrapper_connect_timeout <= 0:
         parser.error("argument --wrapper-connect-timeout: must be positive")
+    if args.websocket_max_frame < 64 * 1024:
+        parser.error("argument --websocket-max-frame: must be at least 65536")
     if args.output_cap < 1024:
         parser.error("argument --output-cap: must be at least 1024")
     if args.local and args.legacy:
@@ -187,10 +194,10 @@ def _adopt_main(ctx: RunContext, job, record: dict) -> None:
     adopt(ctx, job, record)
 
 
-def _wsserver_main(shared, host: str, port: int, key, ssl_context) -> None:
+def _wsserver_main(shared, host: str, port: int, max_frame: int, key, ssl_context) -> None:
     _child_signals()
     from saltpeter.wsserver import run_websocket_server
-    run_websocket_server(shared, host, port, key=key, ssl_context=ssl_context)
+    run_websocket_server(shared, host, port, max_frame, key=key, ssl_context=ssl_context)
 
 
 def _api_main(shared, host: str, port: int, options: dict) -> None:
@@ -247,7 +254,7 @@ class Daemon:
             server_key = None if args.no_wrapper_auth else key
             self._start_service("websocket", _wsserver_main,
                                 (self.shared, args.websocket_host, args.websocket_port,
-                                 server_key, self.ssl_context))
+                                 args.websocket_max_frame, server_key, self.ssl_context))
             log.info("wrappers dial back to %s%s", self.ctx.websocket_url,
                      "" if server_key else " (wrapper authentication off)")
         if args.api:

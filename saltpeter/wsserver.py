@@ -41,7 +41,12 @@ MAX_BAD_MESSAGES = 10            # a connection that sends this many bad message
 # connection with no accepted message by then is idle or hostile and would hold a socket
 # and its buffers for ever.
 FIRST_MESSAGE_TIMEOUT = 10.0
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+# Our wrapper's frames stay under 1 MiB; a seed-protocol wrapper may put a whole output
+# in ``complete``. A bad client is closed at its first message for an unknown instance,
+# or at its MAX_BAD_MESSAGES-th bad one, so it holds at most that many frames of this size.
+# A smaller receive queue would throttle floods harder but stalls closing handshakes.
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+RECEIVE_QUEUE_FRAMES = 64
 KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
 
 SessionKey = Tuple[str, str]
@@ -104,7 +109,8 @@ class WebSocketServer:
         threading.Thread(target=self._read_commands, name="ws-commands", daemon=True).start()
         async with serve(self.handle_connection, self.host, self.port, ssl=self.ssl_context,
                          max_size=self.max_frame, compression=None, ping_interval=None,
-                         open_timeout=10, close_timeout=2, max_queue=64):
+                         open_timeout=10, close_timeout=2,
+                         max_queue=RECEIVE_QUEUE_FRAMES):
             log.info("WebSocket server listening on %s:%d", self.host, self.port)
             flusher = asyncio.create_task(self._flush_loop())
             await self.stopping.wait()
