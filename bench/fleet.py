@@ -3,9 +3,12 @@ heartbeating every 5 s, against the bare sink and against the real daemon.
 
 For each run: CPU (user+sys, percent of one core) over a steady window once every
 wrapper is connected, peak RSS, connection setup rate, refused connections, and for the
-daemon the heartbeat-to-state latency measured by a probe wrapper inside a per-run worker
-(send a heartbeat, poll the Manager's ``liveness`` every 20 ms until it shows it; that
-probe worker's own CPU is left out, the Manager's work for it is not).
+daemon the message-to-state latency measured by a probe wrapper inside a per-run worker
+(send a numbered output line, poll the state's view of that machine's output every 20 ms
+until it shows the line; that probe worker's own CPU is left out, the server's and the
+Manager's work for it is not). Heartbeats themselves reach the shared state only as
+transitions (a machine seen, a machine lost), so the latency of an ordinary message is
+what is measured.
 
 Saltpeter's CPU and RSS are the sums over the daemon's main process and every process
 below it (Manager, WebSocket server, per-run workers); the load generators are not
@@ -30,7 +33,7 @@ from bench.common import (PYTHON, REPO, ProcessMeter, free_port, kill_marked,  #
 
 SIMWRAPPER = str(REPO / "bench" / "simwrapper.py")
 COLUMNS = ["server", "wrappers", "CPU % of one core", "CPU ratio to sink", "peak RSS MB",
-           "setup conn/s", "refused", "hb-to-state p50 ms", "hb-to-state p99 ms"]
+           "setup conn/s", "refused", "msg-to-state p50 ms", "msg-to-state p99 ms"]
 
 
 def established(port: int) -> int:

@@ -96,7 +96,7 @@ class SimExecutor(Executor):
 
     def _probe(self, job, instance, machine, wrapper_env, options) -> None:
         from websockets.sync.client import connect
-        from saltpeter.state import get_liveness
+        from saltpeter.state import live_output
         hold = float(options.get("hold", 30))
         token = wrapper_env.get("SP_TOKEN")
         latencies = []
@@ -119,13 +119,14 @@ class SimExecutor(Executor):
             end = time.monotonic() + hold
             while time.monotonic() < end:
                 time.sleep(random.uniform(0.3, 0.7))
+                # a numbered output line: latency until the state shows it (the API reads
+                # a running machine's output from the server's spool through state.py)
+                marker = "probe-%d\n" % len(latencies)
                 sent = time.time()
-                ws.send(frame("heartbeat"))
+                ws.send(frame("output", stream="stdout", data=marker))
                 give_up = time.monotonic() + PROBE_GIVE_UP
                 while time.monotonic() < give_up:
-                    seen = (get_liveness(self.shared, instance).get(machine) or {}).get(
-                        "last_seen") or 0.0
-                    if seen >= sent:
+                    if live_output(self.shared, instance, machine).endswith(marker):
                         break
                     time.sleep(PROBE_POLL)
                 latencies.append((sent, time.time() - sent))

@@ -221,6 +221,8 @@ class Daemon:
         self.schedules: Dict[str, CronSchedule] = {}
         self.maintenance = {"global": False, "machines": []}
         self.api_access = {"read_only": False, "users": {}}
+        self.schedule_info: Dict[str, dict] = {}     # job -> next_run, last_run, overlap
+        self.schedule_dirty: Set[str] = set()
         self.workers: Dict[str, multiprocessing.Process] = {}      # instance -> process
         self.instances_by_job: Dict[str, Set[str]] = {}
         self.services: Dict[str, multiprocessing.Process] = {}
@@ -264,6 +266,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._request_stop)
         self.adopt_instances()
         self.account_for_downtime()
+        self.flush_schedule_info()
 
     def adopt_instances(self) -> None:
         """Carry on with the instances a previous run of the daemon left running."""
@@ -385,6 +388,7 @@ class Daemon:
             now_dt = datetime.now(timezone.utc)
             for job_name, fire_time in self.due.pop_due(now_dt, MAX_FIRE_LATENESS):
                 self.fire(job_name, fire_time)
+            self.flush_schedule_info()
             self.ledger.save()
             self.reap()
             next_fire = self.due.next_fire_time()
@@ -405,6 +409,7 @@ class Daemon:
             if job_name in self.jobs:
                 log.info("job %s: run requested", job_name)
                 self.fire(job_name, datetime.now(timezone.utc), scheduled=False)
+                self.flush_schedule_info()
             else:
                 log.warning("run requested for unknown job %r", job_name)
         else:
@@ -426,6 +431,8 @@ class Daemon:
             log.info("job %s: removed from the config", job_name)
             self.due.remove(job_name)
             self.schedules.pop(job_name, None)
+            self.schedule_info.pop(job_name, None)
+            self.schedule_dirty.discard(job_name)
             if not self.instances_by_job.get(job_name):
                 shared_state.remove_job(self.shared, job_name)
         for job_name, job in snapshot.jobs.items():
@@ -446,8 +453,7 @@ class Daemon:
             if last_fired is not None:    # a clock set back must not fire a time twice
                 after = max(now, datetime.fromtimestamp(last_fired, timezone.utc))
             self.due.schedule(job_name, schedule, self.tz, after)
-            shared_state.update_job(self.shared, job_name, job.group,
-                                    next_run=self.due.peek(job_name) or "")
+            self._set_schedule_info(job_name, next_run=self.due.peek(job_name) or "")
         self.jobs = dict(snapshot.jobs)
         self.maintenance = snapshot.maintenance
         shared_state.publish_config(self.shared,
@@ -468,28 +474,41 @@ class Daemon:
         next_run = self.due.peek(job_name) or ""
         if self.maintenance.get("global"):
             log.info("job %s: global maintenance; %s not started", job_name, instance)
-            shared_state.update_job(self.shared, job_name, job.group, next_run=next_run)
+            self._set_schedule_info(job_name, next_run=next_run)
             return
         live = self.instances_by_job.get(job_name, set())
         if live and not job.allow_overlap:
             log.warning("job %s: overlap detected; %s skipped while %s runs", job_name,
                         instance, ", ".join(sorted(live)))
             self.joblog.overlap(job_name, job.group, instance, now)
-            shared_state.update_job(self.shared, job_name, job.group, overlap=True,
-                                    next_run=next_run)
+            self._set_schedule_info(job_name, overlap=True, next_run=next_run)
             return
         suffix = 1
         while instance in self.workers:
             suffix += 1
             instance = "%s_%d_%d" % (job_name, int(fire_time.timestamp()), suffix)
-        shared_state.update_job(self.shared, job_name, job.group, overlap=False,
-                                last_run=now, next_run=next_run)
+        self._set_schedule_info(job_name, overlap=False, last_run=now, next_run=next_run)
         log.info("job %s: firing %s%s", job_name, instance, "" if scheduled else " (run now)")
         process = multiprocessing.Process(target=_worker_main, args=(self.ctx, job, instance),
                                           name=instance)
         process.start()
         self.workers[instance] = process
         self.instances_by_job.setdefault(job_name, set()).add(instance)
+
+    def _set_schedule_info(self, job_name: str, **fields) -> None:
+        """Change a job's next_run/last_run/overlap; written to the shared state for all
+        changed jobs at once, at the end of the loop pass (``flush_schedule_info``)."""
+        info = self.schedule_info.setdefault(job_name, {"next_run": "", "last_run": "",
+                                                        "overlap": False})
+        info.update(fields)
+        self.schedule_dirty.add(job_name)
+
+    def flush_schedule_info(self) -> None:
+        if self.schedule_dirty:
+            shared_state.update_schedule(self.shared, {name: dict(self.schedule_info[name])
+                                                       for name in self.schedule_dirty
+                                                       if name in self.schedule_info})
+            self.schedule_dirty.clear()
 
     def reap(self) -> None:
         """Join finished workers; restart a service that died."""

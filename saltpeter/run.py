@@ -23,11 +23,14 @@ from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, KILL_REPORT_WAIT, RETCODE
 from saltpeter.executors import ExecutorError
 from saltpeter.joblog import JobLog
 from saltpeter.records import remove_instance_record, save_instance
-from saltpeter.spool import load_result, read_tail, remove_instance, spool_path
+from saltpeter.spool import load_result, remove_instance, spool_path
 
 log = logging.getLogger(__name__)
 
 KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
+# Liveness (judged by the WebSocket server) and kill requests are read this often;
+# finished machines are looked for every WORKER_POLL_INTERVAL.
+LIVENESS_CHECK_INTERVAL = 1.0
 
 
 def utcnow() -> datetime:
@@ -143,15 +146,13 @@ def adopt(ctx: RunContext, job, record_data: Dict) -> None:
     shared_state.init_results(shared, job.name, job.group, unfinished, started)
     shared.ws_commands.put(("register", instance, job.name, list(launched)))
     try:
-        tails = {m: read_tail(spool_path(shared.statedir, instance, m), shared.ret_cap).text()
-                 for m in launched}
-        shared_state.set_live_output(shared, job.name, tails)
         for machine in list(launched):
             result = load_result(shared.statedir, instance, machine)
             if result is not None:
-                shared_state.finish_machine(shared, job.name, instance, machine,
-                                            result["retcode"], ret=tails.get(machine),
-                                            endtime=datetime.fromisoformat(result["endtime"]))
+                shared_state.finish_machine(
+                    shared, job.name, instance, machine, result["retcode"],
+                    ret=shared_state.live_output(shared, instance, machine),
+                    endtime=datetime.fromisoformat(result["endtime"]))
         now = time.time()
         # the wrappers get a full connect deadline from now to come back
         processresults_websocket(ctx, job, instance, list(launched),
@@ -261,8 +262,7 @@ def _record(ctx: RunContext, job, instance: str, machine: str, retcode: int,
     """Make ``machine``'s result final with ``retcode`` (unless someone already did) and
     write its log block: the spooled output, then ``note``."""
     shared = ctx.shared
-    current = shared_state.get_result(shared, job.name, machine) or {}
-    ret = current.get("ret", "") or ""
+    ret = shared_state.live_output(shared, instance, machine)
     if note:
         ret = ret + ("\n" if ret and not ret.endswith("\n") else "") + note
     if not shared_state.finish_machine(shared, job.name, instance, machine, retcode, ret=ret):
@@ -303,12 +303,13 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
     unlogged = set(launched)
     soft_warned = False
     timeout_requested = False
+    next_liveness_check = 0.0
     while unlogged:
         still_running = set(shared_state.instance_machines(shared, instance))
         finished_now = sorted(unlogged - still_running)
         if finished_now:
             # finalised by the WebSocket server: log them here, reading the state once
-            results = (shared_state.get_job(shared, job.name) or {}).get("results", {})
+            results = shared_state.get_results(shared, job.name)
             for machine in finished_now:
                 if machine in pending:
                     _write_result_log(ctx, job, instance, machine,
@@ -333,10 +334,15 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
             log.warning("instance %s: timeout of %ss reached; stopping %s", instance,
                         job.timeout, ", ".join(sorted(pending)))
             shared_state.request_kill(shared, job.name, instance, sorted(pending), "timeout", now)
+        if now < next_liveness_check:
+            time.sleep(WORKER_POLL_INTERVAL)
+            continue
+        next_liveness_check = now + LIVENESS_CHECK_INTERVAL
         liveness = shared_state.get_liveness(shared, instance)
         kills = shared_state.get_kills(shared, instance)
         for machine in sorted(pending):
-            seen = (liveness.get(machine) or {}).get("last_seen") or 0.0
+            info = liveness.get(machine) or {}
+            seen = info.get("seen")
             kill = kills.get(machine)
             if kill and now - kill["at"] > KILL_REPORT_WAIT:
                 code = KILL_RETCODES.get(kill["reason"], RETCODE_KILLED)
@@ -347,7 +353,7 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
                 _finalise(ctx, job, instance, machine, never_connected_code, pending, unlogged,
                           "[saltpeter] the wrapper never connected within %ds\n"
                           % ctx.connect_deadline, record)
-            elif seen and now - seen > HEARTBEAT_LOSS_AFTER:
+            elif info.get("lost"):
                 _finalise(ctx, job, instance, machine, RETCODE_HEARTBEAT_LOST, pending, unlogged,
                           "[saltpeter] no heartbeat for %ds; the wrapper is lost\n"
                           % HEARTBEAT_LOSS_AFTER, record)

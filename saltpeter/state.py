@@ -3,17 +3,23 @@
 The main process creates a ``multiprocessing.Manager``; its dicts are shared by every
 process, which all fork from main and so inherit one ``Shared`` bundle:
 
-- ``state[job_name]``: SPEC section 7 (next_run, last_run, overlap, group, targets, results)
+- ``state[job_name]``: SPEC section 7 (group, targets, results; the schedule fields below
+  are merged in on reading)
+- ``schedule[job_name]``: ``{'next_run', 'last_run', 'overlap'}``, written by main alone,
+  in one round trip for every job fired in a loop pass
 - ``running[job_instance]``: SPEC section 7 (started, name, machines)
-- ``liveness[job_instance]``: ``{machine: {'last_seen': epoch, 'connected': bool, 'pid': int}}``
-  written by the WebSocket server in batches, read by the per-run worker
+- ``liveness[job_instance]``: ``{machine: {'seen': bool, 'lost': bool}}``, written by the
+  WebSocket server only when a machine's wrapper first reports or goes silent
 - ``kills[job_instance]``: ``{machine: {'reason': str, 'at': epoch}}``: kill requests,
   so that the worker can record 124/143 itself if a killed wrapper never reports
 - ``config``: ``{'crons': {...}, 'maintenance': {...}, 'serial': float}`` for the API
+- ``access``: the API's users and read-only switch (kept out of ``config``, which is shown)
 
-Nested values of a Manager dict are copies: every change here reads the value, changes
-the copy and writes it back, under the job's lock, so two processes never lose each
-other's writes.
+The output of a machine that is still running is not copied through the Manager at all:
+it is in the machine's spool file, and the read functions here put its tail into ``ret``
+when someone asks. Nested values of a Manager dict are copies: every change here reads the
+value, changes the copy and writes it back, under the job's lock, so two processes never
+lose each other's writes.
 """
 
 import logging
@@ -21,11 +27,14 @@ import multiprocessing
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from saltpeter.constants import DEFAULT_RET_CAP, LOCK_POOL_SIZE
+from saltpeter.spool import read_tail, spool_path
 
 log = logging.getLogger(__name__)
+
+SCHEDULE_FIELDS = ("next_run", "last_run", "overlap")
 
 
 def utcnow() -> datetime:
@@ -37,11 +46,12 @@ class Shared:
     """Everything that crosses process boundaries. Built once in main, inherited by fork."""
 
     state: Any
+    schedule: Any
     running: Any
     liveness: Any
     kills: Any
     config: Any
-    access: Any                        # API access control: read_only, users, serial
+    access: Any
     locks: List[Any]
     scheduler_commands: Any            # multiprocessing.Queue: ('run', job_name)
     ws_commands: Any                   # multiprocessing.Queue: ('register', instance, job,
@@ -61,6 +71,7 @@ def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
     """Create the shared dicts, locks and queues on ``manager``."""
     return Shared(
         state=manager.dict(),
+        schedule=manager.dict(),
         running=manager.dict(),
         liveness=manager.dict(),
         kills=manager.dict(),
@@ -77,19 +88,93 @@ def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
 
 
 def _empty_job_state(group: str) -> Dict[str, Any]:
-    return {"next_run": "", "last_run": "", "overlap": False, "group": group,
-            "targets": [], "results": {}}
+    return {"group": group, "targets": [], "results": {}}
 
 
-# ---------------------------------------------------------------- job state
+# ---------------------------------------------------------------- reading job state
+
+def _assemble(shared: Shared, job_name: str, job_state: Optional[Dict[str, Any]],
+              schedule: Optional[Dict[str, Any]],
+              running: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``state[job_name]`` as SPEC section 7 shows it: schedule fields merged in, and the
+    output so far of every machine still running read from its spool file."""
+    if job_state is None and schedule is None:
+        return None
+    assembled = {"next_run": "", "last_run": "", "overlap": False, "group": "",
+                 "targets": [], "results": {}}
+    assembled.update(schedule or {})
+    assembled.update(job_state or {})
+    results = assembled["results"]
+    for instance, entry in running.items():
+        if entry.get("name") != job_name:
+            continue
+        for machine in entry.get("machines", ()):
+            result = results.get(machine)
+            if result is not None and result.get("retcode", "") == "":
+                result["ret"] = live_output(shared, instance, machine)
+    return assembled
+
+
+def live_output(shared: Shared, instance: str, machine: str) -> str:
+    """The output so far of a running machine: the capped tail of its spool file."""
+    return read_tail(spool_path(shared.statedir, instance, machine), shared.ret_cap).text()
+
 
 def get_job(shared: Shared, job_name: str) -> Optional[Dict[str, Any]]:
-    """A copy of ``state[job_name]``, or None."""
-    return shared.state.get(job_name)
+    """A copy of ``state[job_name]`` as the API shows it, or None."""
+    job_state = shared.state.get(job_name)
+    schedule = shared.schedule.get(job_name)
+    running = shared.running.copy() if job_state and _has_running(job_state) else {}
+    return _assemble(shared, job_name, job_state, schedule, running)
+
+
+def _has_running(job_state: Dict[str, Any]) -> bool:
+    return any(result.get("retcode", "") == ""
+               for result in job_state.get("results", {}).values())
+
+
+def state_snapshot(shared: Shared) -> Dict[str, Any]:
+    """A copy of all of ``state`` as the API shows it."""
+    states = shared.state.copy()
+    schedules = shared.schedule.copy()
+    running = shared.running.copy()
+    snapshot = {}
+    for job_name in set(states) | set(schedules):
+        snapshot[job_name] = _assemble(shared, job_name, states.get(job_name),
+                                       schedules.get(job_name), running)
+    return snapshot
+
+
+def running_snapshot(shared: Shared) -> Dict[str, Any]:
+    """A copy of all of ``running`` in one round trip."""
+    return shared.running.copy()
+
+
+def get_results(shared: Shared, job_name: str) -> Dict[str, Dict[str, Any]]:
+    """The stored results of a job, without reading any live output."""
+    return (shared.state.get(job_name) or {}).get("results", {})
+
+
+def get_result(shared: Shared, job_name: str, machine: str) -> Optional[Dict[str, Any]]:
+    """The stored result of ``machine`` (``ret`` is only final once ``retcode`` is)."""
+    job_state = shared.state.get(job_name)
+    if not job_state:
+        return None
+    return job_state.get("results", {}).get(machine)
+
+
+# ---------------------------------------------------------------- writing job state
+
+def update_schedule(shared: Shared, updates: Dict[str, Dict[str, Any]]) -> None:
+    """Set schedule fields (``next_run``, ``last_run``, ``overlap``) of many jobs in one
+    round trip. ``updates`` maps job names to their complete schedule fields; only main
+    writes here."""
+    if updates:
+        shared.schedule.update(updates)
 
 
 def update_job(shared: Shared, job_name: str, group: str = "", **fields: Any) -> None:
-    """Set top-level fields of ``state[job_name]`` (creating it if needed)."""
+    """Set other top-level fields of ``state[job_name]`` (creating it if needed)."""
     with shared.job_lock(job_name):
         job_state = shared.state.get(job_name) or _empty_job_state(group)
         if group:
@@ -102,6 +187,7 @@ def remove_job(shared: Shared, job_name: str) -> None:
     """Forget a job that left the config (its running instances keep their entries)."""
     with shared.job_lock(job_name):
         shared.state.pop(job_name, None)
+    shared.schedule.pop(job_name, None)
 
 
 def init_results(shared: Shared, job_name: str, group: str, machines: Iterable[str],
@@ -110,45 +196,12 @@ def init_results(shared: Shared, job_name: str, group: str, machines: Iterable[s
     machines = list(machines)
     with shared.job_lock(job_name):
         job_state = shared.state.get(job_name) or _empty_job_state(group)
+        job_state["group"] = group or job_state.get("group", "")
         job_state["targets"] = machines
         job_state["results"] = {
             machine: {"starttime": starttime, "endtime": "", "ret": "", "retcode": ""}
             for machine in machines
         }
-        shared.state[job_name] = job_state
-
-
-def set_live_output(shared: Shared, job_name: str, rets: Dict[str, str]) -> None:
-    """Write the output so far of several machines of one job in one round trip.
-
-    Machines whose result is already final are left alone.
-    """
-    with shared.job_lock(job_name):
-        job_state = shared.state.get(job_name)
-        if not job_state:
-            return
-        results = job_state.setdefault("results", {})
-        changed = False
-        for machine, ret in rets.items():
-            result = results.get(machine)
-            if result is None or result.get("retcode", "") != "":
-                continue
-            result["ret"] = ret
-            changed = True
-        if changed:
-            shared.state[job_name] = job_state
-
-
-def mark_started(shared: Shared, job_name: str, machine: str, starttime: datetime) -> None:
-    """Record when the command really started on ``machine``."""
-    with shared.job_lock(job_name):
-        job_state = shared.state.get(job_name)
-        if not job_state:
-            return
-        result = job_state.setdefault("results", {}).get(machine)
-        if result is None or result.get("retcode", "") != "":
-            return
-        result["starttime"] = starttime
         shared.state[job_name] = job_state
 
 
@@ -190,42 +243,50 @@ def instances_of(shared: Shared, job_name: str) -> List[str]:
             if entry.get("name") == job_name]
 
 
-def is_running(shared: Shared, job_name: str) -> bool:
-    return bool(instances_of(shared, job_name))
+FinalResult = Tuple[str, str, int, Optional[str], datetime]   # instance, machine, code, ret, end
+
+
+def finish_machines(shared: Shared, job_name: str, finals: List[FinalResult]) -> List[str]:
+    """Record several final results of one job and take those machines out of
+    ``running``, with one read and one write of the job's state.
+
+    A machine whose result is already final (the WebSocket server and the worker may
+    race: the first one wins) is skipped. Returns the machines recorded here. ``ret``
+    replaces the output so far when given.
+    """
+    recorded = []
+    with shared.job_lock(job_name):
+        entries: Dict[str, Any] = {}
+        job_state = None
+        for instance, machine, retcode, ret, endtime in finals:
+            if instance not in entries:
+                entries[instance] = shared.running.get(instance)
+            entry = entries[instance]
+            if entry is None or machine not in entry["machines"]:
+                continue
+            entry["machines"] = [m for m in entry["machines"] if m != machine]
+            if job_state is None:
+                job_state = shared.state.get(job_name) or _empty_job_state("")
+            result = job_state.setdefault("results", {}).setdefault(
+                machine, {"starttime": endtime, "endtime": "", "ret": "", "retcode": ""})
+            result["retcode"] = int(retcode)
+            result["endtime"] = endtime
+            if ret is not None:
+                result["ret"] = ret
+            recorded.append(machine)
+        if recorded:
+            shared.state[job_name] = job_state
+            shared.running.update({instance: entry for instance, entry in entries.items()
+                                   if entry is not None})
+    return recorded
 
 
 def finish_machine(shared: Shared, job_name: str, instance: str, machine: str,
                    retcode: int, ret: Optional[str] = None,
                    endtime: Optional[datetime] = None) -> bool:
-    """Record the final result of ``machine`` and take it out of ``running``.
-
-    Returns True for the one caller that made the result final, False if it already was
-    (the WebSocket server and the worker may race: the first one wins).
-    ``ret`` replaces the output so far when given.
-    """
-    endtime = endtime or utcnow()
-    with shared.job_lock(job_name):
-        entry = shared.running.get(instance)
-        if entry is None or machine not in entry["machines"]:
-            return False
-        entry["machines"] = [m for m in entry["machines"] if m != machine]
-        job_state = shared.state.get(job_name) or _empty_job_state("")
-        result = job_state.setdefault("results", {}).setdefault(
-            machine, {"starttime": endtime, "endtime": "", "ret": "", "retcode": ""})
-        result["retcode"] = int(retcode)
-        result["endtime"] = endtime
-        if ret is not None:
-            result["ret"] = ret
-        shared.state[job_name] = job_state
-        shared.running[instance] = entry
-    return True
-
-
-def get_result(shared: Shared, job_name: str, machine: str) -> Optional[Dict[str, Any]]:
-    job_state = shared.state.get(job_name)
-    if not job_state:
-        return None
-    return job_state.get("results", {}).get(machine)
+    """``finish_machines`` for one machine: True if this call made the result final."""
+    return bool(finish_machines(shared, job_name,
+                                [(instance, machine, retcode, ret, endtime or utcnow())]))
 
 
 # ---------------------------------------------------------------- liveness and kills
@@ -275,6 +336,11 @@ def get_config(shared: Shared) -> Dict[str, Any]:
     return dict(shared.config)
 
 
+def config_serial(shared: Shared) -> float:
+    """The config's serial alone: cheap to poll, where ``get_config`` copies every job."""
+    return shared.config.get("serial", 0.0)
+
+
 def publish_access(shared: Shared, access: Dict[str, Any], serial: float) -> None:
     """API access control from the config; kept apart from ``config``, which the API
     shows to everyone, because it holds password hashes."""
@@ -284,18 +350,3 @@ def publish_access(shared: Shared, access: Dict[str, Any], serial: float) -> Non
 
 def get_access(shared: Shared) -> Dict[str, Any]:
     return dict(shared.access)
-
-
-def config_serial(shared: Shared) -> float:
-    """The config's serial alone: cheap to poll, where ``get_config`` copies every job."""
-    return shared.config.get("serial", 0.0)
-
-
-def running_snapshot(shared: Shared) -> Dict[str, Any]:
-    """A copy of all of ``running`` in one round trip."""
-    return shared.running.copy()
-
-
-def state_snapshot(shared: Shared) -> Dict[str, Any]:
-    """A copy of all of ``state`` in one round trip."""
-    return shared.state.copy()

@@ -18,24 +18,27 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from saltpeter import state as shared_state
 from saltpeter.auth import token_is_valid
-from saltpeter.constants import (RETCODE_KILLED, RETCODE_NO_RESPONSE, RETCODE_TIMEOUT,
-                                 STATE_FLUSH_INTERVAL)
+from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, RETCODE_KILLED, RETCODE_NO_RESPONSE,
+                                 RETCODE_TIMEOUT, STATE_FLUSH_INTERVAL)
 from saltpeter.records import load_instances
-from saltpeter.spool import (OutputTail, SpoolFile, read_tail, restore_checkpoint,
-                             save_checkpoint, save_result, spool_path)
+from saltpeter.spool import (SpoolFile, read_tail, restore_checkpoint, save_checkpoint,
+                             save_result, spool_path)
 from wrapper.protocol import ProtocolError, encode, parse_message, server_message
 
 log = logging.getLogger(__name__)
 
-LIVENESS_PUBLISH_INTERVAL = 1.0
+LIVENESS_SWEEP_INTERVAL = 1.0    # how often silent wrappers are looked for
 ACK_DELAY = 0.1                  # acks are cumulative: one per connection per 100 ms
+# A final report is acked at once (the wrapper waits for it to exit); a heartbeat alone
+# needs no quick ack (nothing to lose), so 10,000 idle wrappers cost few acks.
+ACK_DELAYS = {"complete": 0.0, "error": 0.0, "heartbeat": 30.0}
 MAX_BAD_MESSAGES = 10            # a connection that sends this many bad messages is closed
 # A wrapper sends ``connect`` as soon as it is connected (and again after a reconnect); a
 # connection with no accepted message by then is idle or hostile and would hold a socket
@@ -55,13 +58,11 @@ SessionKey = Tuple[str, str]
 class WrapperSession:
     """Everything the server knows about one machine of one running instance."""
 
-    def __init__(self, job_name: str, instance: str, machine: str, statedir: str,
-                 ret_cap: int):
+    def __init__(self, job_name: str, instance: str, machine: str, statedir: str):
         self.job_name = job_name
         self.instance = instance
         self.machine = machine
         self.spool = SpoolFile(spool_path(statedir, instance, machine))
-        self.tail = OutputTail(ret_cap)
         self.last_seq = 0
         self.checkpointed_size = 0       # spool size covered by the on-disk checkpoint
         self.connection = None
@@ -71,9 +72,13 @@ class WrapperSession:
         self.kill_reason: Optional[str] = None
         self.kill_sent = False
         self.finished = False
+        self.published = {"seen": False, "lost": False}   # what liveness shows of it
 
-    def liveness(self) -> Dict:
-        return {"last_seen": self.last_seen, "connected": self.connected, "pid": self.pid}
+    def liveness(self, now: float) -> Dict:
+        """Has the wrapper reported in this daemon's life, and has it gone silent?"""
+        seen = self.last_seen > 0
+        return {"seen": seen,
+                "lost": seen and not self.finished and now - self.last_seen > HEARTBEAT_LOSS_AFTER}
 
 
 class WebSocketServer:
@@ -93,8 +98,9 @@ class WebSocketServer:
         self.ssl_context = ssl_context
         self.sessions: Dict[SessionKey, WrapperSession] = {}
         self.instance_jobs: Dict[str, str] = {}
-        self.liveness_dirty: Set[str] = set()
+        self.liveness_dirty: Set[WrapperSession] = set()
         self.output_dirty: Set[WrapperSession] = set()
+        self.finals: List[Tuple[str, str, str, int, datetime]] = []
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping: Optional[asyncio.Event] = None
 
@@ -137,7 +143,6 @@ class WebSocketServer:
                 session = self._session_for(instance, machine, job_name)
                 session.last_seq = restore_checkpoint(session.spool)
                 session.checkpointed_size = session.spool.size
-                session.tail = read_tail(session.spool.path, self.shared.ret_cap)
                 if os.path.exists(session.spool.path + ".result"):
                     session.finished = True
             log.info("instance %s: adopted from the previous daemon run", instance)
@@ -186,8 +191,7 @@ class WebSocketServer:
         key = (instance, machine)
         session = self.sessions.get(key)
         if session is None:
-            session = WrapperSession(job_name, instance, machine, self.shared.statedir,
-                                     self.shared.ret_cap)
+            session = WrapperSession(job_name, instance, machine, self.shared.statedir)
             self.sessions[key] = session
         return session
 
@@ -210,7 +214,7 @@ class WebSocketServer:
         peer = connection.remote_address
         bad_messages = 0
         bound: Set[WrapperSession] = set()
-        ack_state = {"pending": False}
+        ack_state = {"handle": None, "due": 0.0}
         first_message_deadline = asyncio.get_running_loop().call_later(
             FIRST_MESSAGE_TIMEOUT, self._close_silent, connection)
         try:
@@ -252,7 +256,7 @@ class WebSocketServer:
                 self._handle_message(session, message)
                 if message.seq is not None:
                     self._schedule_ack(connection, session, ack_state,
-                                       now=message.type in ("complete", "error"))
+                                       ACK_DELAYS.get(message.type, ACK_DELAY))
                 if session.kill_reason and not session.kill_sent and not session.finished:
                     await self._send_kill(session)
         except ConnectionClosed:
@@ -263,7 +267,6 @@ class WebSocketServer:
                 if session.connection is connection:
                     session.connection = None
                     session.connected = False
-                    self.liveness_dirty.add(session.instance)
                     if not session.finished:
                         log.info("instance %s machine %s: wrapper disconnected",
                                  session.instance, session.machine)
@@ -273,20 +276,30 @@ class WebSocketServer:
                     "closing", connection.remote_address, FIRST_MESSAGE_TIMEOUT)
         asyncio.ensure_future(connection.close(1008, "no accepted message in time"))
 
-    def _schedule_ack(self, connection, session: WrapperSession, ack_state, now: bool) -> None:
-        async def send_ack():
-            await asyncio.sleep(0 if now else ACK_DELAY)
-            ack_state["pending"] = False
-            if not session.finished:
-                # acknowledge only what is on disk: a crash must not lose acked output
-                self._checkpoint(session)
-            try:
-                await connection.send(encode(server_message("ack", ack=session.last_seq)))
-            except ConnectionClosed:
-                pass
-        if now or not ack_state["pending"]:
-            ack_state["pending"] = True
-            asyncio.ensure_future(send_ack())
+    def _schedule_ack(self, connection, session: WrapperSession, ack_state,
+                      delay: float) -> None:
+        """Send a cumulative ack within ``delay`` seconds, unless one is due sooner."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if ack_state["handle"] is not None:
+            if ack_state["due"] <= due:
+                return
+            ack_state["handle"].cancel()
+
+        def fire():
+            ack_state["handle"] = None
+            asyncio.ensure_future(self._send_ack(connection, session))
+        ack_state["due"] = due
+        ack_state["handle"] = loop.call_later(delay, fire)
+
+    async def _send_ack(self, connection, session: WrapperSession) -> None:
+        if not session.finished:
+            # acknowledge only what is on disk: a crash must not lose acked output
+            self._checkpoint(session)
+        try:
+            await connection.send(encode(server_message("ack", ack=session.last_seq)))
+        except ConnectionClosed:
+            pass
 
     @staticmethod
     def _checkpoint(session: WrapperSession) -> None:
@@ -321,9 +334,10 @@ class WebSocketServer:
             if message.seq <= session.last_seq:
                 return  # a re-sent message we already have
             session.last_seq = message.seq
+        if not session.last_seen:
+            self.liveness_dirty.add(session)
         session.last_seen = time.time()
         session.connected = True
-        self.liveness_dirty.add(session.instance)
         if session.finished:
             return
         kind = message.type
@@ -332,7 +346,6 @@ class WebSocketServer:
                      session.machine)
         elif kind == "start":
             session.pid = message.pid
-            self.liveness_dirty.add(session.instance)
         elif kind == "output":
             self._append_output(session, message.data)
         elif kind == "complete":
@@ -350,63 +363,69 @@ class WebSocketServer:
         if not data:
             return
         session.spool.write(data.encode("utf-8", "surrogateescape"))
-        session.tail.append(data)
         self.output_dirty.add(session)
 
     def _finish(self, session: WrapperSession, retcode: int) -> None:
+        """The machine's result is final: on disk now (before ``complete`` is acked), in
+        the shared state at the next flush, together with every other result by then."""
         session.finished = True
         self.output_dirty.discard(session)
         session.spool.close()
-        save_result(session.spool, retcode, datetime.now(timezone.utc).isoformat())
-        ret = session.tail.text()
-        self.liveness_dirty.add(session.instance)
-        asyncio.ensure_future(asyncio.to_thread(
-            self._record_final, session.job_name, session.instance, session.machine,
-            retcode, ret))
-
-    def _record_final(self, job_name, instance, machine, retcode, ret) -> None:
-        recorded = shared_state.finish_machine(self.shared, job_name, instance, machine,
-                                               retcode, ret=ret,
-                                               endtime=datetime.now(timezone.utc))
-        if recorded:
-            log.info("instance %s machine %s: finished with exit code %s", instance,
-                     machine, retcode)
-        else:
-            log.info("instance %s machine %s: result was already final; report of exit "
-                     "code %s ignored", instance, machine, retcode)
+        endtime = datetime.now(timezone.utc)
+        save_result(session.spool, retcode, endtime.isoformat())
+        self.finals.append((session.job_name, session.instance, session.machine, retcode,
+                            endtime))
 
     # ------------------------------------------------------------ batching to state
 
     async def _flush_loop(self) -> None:
-        last_liveness = 0.0
+        last_sweep = 0.0
         while True:
             await asyncio.sleep(STATE_FLUSH_INTERVAL)
-            publish_liveness = time.monotonic() - last_liveness >= LIVENESS_PUBLISH_INTERVAL
-            if publish_liveness:
-                last_liveness = time.monotonic()
+            sweep = time.monotonic() - last_sweep >= LIVENESS_SWEEP_INTERVAL
+            if sweep:
+                last_sweep = time.monotonic()
             try:
-                await self._flush_once(publish_liveness)
+                await self._flush_once(sweep)
             except Exception:
                 log.exception("WebSocket server: flushing state failed")
 
-    async def _flush_once(self, publish_liveness: bool = True) -> None:
-        outputs: Dict[str, Dict[str, str]] = {}
+    async def _flush_once(self, sweep: bool = True) -> None:
+        """Output to disk (where the API reads it), final results and liveness changes to
+        the shared state: one round trip per job with results, one per changed instance."""
         dirty_sessions, self.output_dirty = self.output_dirty, set()
         for session in dirty_sessions:
             session.spool.flush()
-            outputs.setdefault(session.job_name, {})[session.machine] = session.tail.text()
+        if sweep:   # wrappers gone silent since the last sweep
+            now = time.time()
+            self.liveness_dirty.update(
+                session for session in self.sessions.values()
+                if session.liveness(now)["lost"] != session.published["lost"])
         liveness: Dict[str, Dict[str, Dict]] = {}
-        if publish_liveness and self.liveness_dirty:
-            dirty, self.liveness_dirty = self.liveness_dirty, set()
-            for (instance, machine), session in self.sessions.items():
-                if instance in dirty:
-                    liveness.setdefault(instance, {})[machine] = session.liveness()
-        if outputs or liveness:
-            await asyncio.to_thread(self._write_state, outputs, liveness)
+        dirty, self.liveness_dirty = self.liveness_dirty, set()
+        now = time.time()
+        for session in dirty:
+            session.published = session.liveness(now)
+            liveness.setdefault(session.instance, {})[session.machine] = session.published
+        finals, self.finals = self.finals, []
+        if finals or liveness:
+            await asyncio.to_thread(self._write_state, finals, liveness)
 
-    def _write_state(self, outputs, liveness) -> None:
-        for job_name, rets in outputs.items():
-            shared_state.set_live_output(self.shared, job_name, rets)
+    def _write_state(self, finals, liveness) -> None:
+        by_job: Dict[str, List] = {}
+        for job_name, instance, machine, retcode, endtime in finals:
+            ret = read_tail(spool_path(self.shared.statedir, instance, machine),
+                            self.shared.ret_cap).text()
+            by_job.setdefault(job_name, []).append((instance, machine, retcode, ret, endtime))
+        for job_name, results in by_job.items():
+            recorded = set(shared_state.finish_machines(self.shared, job_name, results))
+            for instance, machine, retcode, _, _ in results:
+                if machine in recorded:
+                    log.info("instance %s machine %s: finished with exit code %s", instance,
+                             machine, retcode)
+                else:
+                    log.info("instance %s machine %s: result was already final; report of "
+                             "exit code %s ignored", instance, machine, retcode)
         if liveness:
             shared_state.publish_liveness(self.shared, liveness)
 

@@ -16,11 +16,13 @@ import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
 from saltpeter import state
+from saltpeter.spool import spool_path
 from saltpeter.api import (check_password, hash_password, history_timeline, last_state,
                            parse_date, run_api)
 from tests.helpers import free_port, pids_with_marker, wait_for, write_job
@@ -148,7 +150,8 @@ def shared(tmp_path):
     bundle = state.make_shared(manager, str(tmp_path))
     publish_jobs(bundle, JOBS)
     for name, fields in JOBS.items():
-        state.update_job(bundle, name, group=fields["group"], next_run=utc(2030, 1, 1))
+        state.update_job(bundle, name, group=fields["group"])
+        set_schedule(bundle, name, next_run=utc(2030, 1, 1))
     yield bundle
     manager.shutdown()
 
@@ -172,9 +175,23 @@ def api(api_factory):
     return api_factory()
 
 
+def set_schedule(shared, job, **fields):
+    """What the scheduler publishes of a job: next_run, last_run, overlap."""
+    info = {"next_run": utc(2030, 1, 1), "last_run": "", "overlap": False}
+    info.update(fields)
+    state.update_schedule(shared, {job: info})
+
+
+def write_live_output(shared, instance, machine, text):
+    """What the WebSocket server does with a running machine's output: its spool file."""
+    path = Path(spool_path(shared.statedir, instance, machine))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def start_backup_run(shared, machines=("web1", "web2"), when=STARTED):
     instance = "backup_%d" % int(when.timestamp())
-    state.update_job(shared, "backup", last_run=when)
+    set_schedule(shared, "backup", last_run=when)
     state.start_instance(shared, "backup", instance, machines, when)
     state.init_results(shared, "backup", "nightly", machines, when)
     return instance
@@ -298,7 +315,7 @@ def test_ui_dir_option_serves_another_build(api_factory, tmp_path):
 # ---------------------------------------------------------------- WebSocket feed
 
 def test_first_frame_is_config_then_running_and_last_state(api, shared):
-    state.update_job(shared, "report", last_run=utc(2024, 5, 1, 9, 0))
+    set_schedule(shared, "report", last_run=utc(2024, 5, 1, 9, 0))
     state.init_results(shared, "report", "reports", ["web1"], utc(2024, 5, 1, 9, 0))
     state.start_instance(shared, "report", "report_1", ["web1"], utc(2024, 5, 1, 9, 0))
     state.finish_machine(shared, "report", "report_1", "web1", 0, "done\n")
@@ -351,8 +368,8 @@ def test_subscribed_job_output_grows_live_and_retcode_becomes_int(api, shared):
         assert set(first) == {"backup"}
         assert first["backup"]["results"]["web1"]["retcode"] == ""
         for line in range(1, 4):
-            state.set_live_output(shared, "backup", {"web1": "".join(
-                "line%d\n" % n for n in range(1, line + 1))})
+            write_live_output(shared, instance, "web1", "".join(
+                "line%d\n" % n for n in range(1, line + 1)))
             started = time.monotonic()
             message = ws_wait(conn, lambda m: "line%d" % line in
                               m.get("backup", {}).get("results", {}).get("web1", {}).get("ret", ""),
@@ -364,7 +381,7 @@ def test_subscribed_job_output_grows_live_and_retcode_becomes_int(api, shared):
             "web1", {}).get("retcode") == 0, what="final result")
         assert message["backup"]["results"]["web1"]["endtime"] == "2024-05-01T10:00:05+00:00"
         conn.send(json.dumps({"unsubscribe": "backup"}))
-        state.set_live_output(shared, "backup", {"web1": "ignored"})
+        write_live_output(shared, instance, "web1", "ignored")
         ws_wait(conn, lambda m: "running" in m, what="refresh")  # no error, still served
 
 
