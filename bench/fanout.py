@@ -10,7 +10,9 @@ Usage: python bench/fanout.py --machines 1000 5000 --runs 3
 """
 
 import argparse
+import re
 import sys
+from collections import Counter
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,14 @@ from bench.common import (kill_marked, log_times, next_whole_second, once_at,  #
                           write_jobs)
 
 COLUMNS = ["machines", "fire to all recorded s", "last complete to all recorded s",
-           "wrappers connected", "refused", "results in log"]
+           "wrappers connected", "refused", "results in log", "exit codes in log"]
+EXIT_CODE = re.compile(r"^\*\*\*\* Exit Code (-?\d+) ", re.M)
+
+
+def exit_codes(log_text: str) -> str:
+    """``0x4998 253x2``: how many result blocks of the log carry each exit code."""
+    counts = Counter(int(code) for code in EXIT_CODE.findall(log_text))
+    return " ".join("%dx%d" % (code, n) for code, n in sorted(counts.items())) or "-"
 
 
 def run_once(machines: int, hold: float, tmp: Path) -> dict:
@@ -42,11 +51,13 @@ def run_once(machines: int, hold: float, tmp: Path) -> dict:
             read_reports(daemon.tmp / "reports", "%s.*.json" % instance)),
             timeout=60, message="load generator reports")
         last_complete = max(r["last_complete"] or 0 for r in reports)
-        logged = daemon.log("fan").count("**** Exit Code")
+        log_text = daemon.log("fan")
+        logged = log_text.count("**** Exit Code")
         return {"fire": (finished - fire_time).total_seconds(),
                 "after_last": finished.timestamp() - last_complete,
                 "connected": sum(r["connected"] for r in reports),
-                "refused": sum(r["refused"] for r in reports), "logged": logged}
+                "refused": sum(r["refused"] for r in reports), "logged": logged,
+                "codes": exit_codes(log_text)}
     finally:
         daemon.stop(timeout=60)
         daemon.kill_everything()
@@ -71,7 +82,8 @@ def main(argv=None) -> int:
                          spread([r["after_last"] for r in runs]),
                          spread([r["connected"] for r in runs], "%d"),
                          spread([r["refused"] for r in runs], "%d"),
-                         spread([r["logged"] for r in runs], "%d")])
+                         spread([r["logged"] for r in runs], "%d"),
+                         " / ".join(r["codes"] for r in runs)])
     print_table("Fan-out, one job, wrappers complete %.0f s after connecting; min / median / "
                 "max of %d runs" % (args.hold, args.runs), COLUMNS, rows)
     return 0
