@@ -32,11 +32,13 @@ from saltpeter.joblog import JobLog
 from saltpeter.records import FireLedger, load_instances
 from saltpeter.run import RunContext, adopt, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
+from saltpeter.spawner import Spawner
 from saltpeter.wsserver import DEFAULT_MAX_FRAME
 
 log = logging.getLogger("saltpeter")
 
 MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
+MAX_COMMANDS_PER_PASS = 1000   # commands handled before the loop looks at the clock again
 MAX_MISSED_COUNTED = 1000  # missed fire times counted one by one, after a long downtime
 # A fire time later than this (a suspended host, a clock jump) is dropped with a warning
 # instead of replayed: an every-second job would otherwise fire thousands of times at once.
@@ -184,16 +186,6 @@ def _child_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _worker_main(ctx: RunContext, job, instance: str) -> None:
-    _child_signals()
-    run(ctx, job, instance)
-
-
-def _adopt_main(ctx: RunContext, job, record: dict) -> None:
-    _child_signals()
-    adopt(ctx, job, record)
-
-
 def _wsserver_main(shared, host: str, port: int, max_frame: int, key, ssl_context) -> None:
     _child_signals()
     from saltpeter.wsserver import run_websocket_server
@@ -223,7 +215,8 @@ class Daemon:
         self.api_access = {"read_only": False, "users": {}}
         self.schedule_info: Dict[str, dict] = {}     # job -> next_run, last_run, overlap
         self.schedule_dirty: Set[str] = set()
-        self.workers: Dict[str, multiprocessing.Process] = {}      # instance -> process
+        self.workers: Dict[str, str] = {}      # running instance -> job name
+        self.spawner: Optional[Spawner] = None
         self.instances_by_job: Dict[str, Set[str]] = {}
         self.services: Dict[str, multiprocessing.Process] = {}
         self.stopping = False
@@ -235,9 +228,10 @@ class Daemon:
 
     # ------------------------------------------------------------ start and stop
 
-    def start(self, snapshot) -> None:
-        """Start the Manager, apply the first config (so that API access control is in
-        force before the API serves anyone), then start the service processes."""
+    def start(self) -> None:
+        """Start the Manager and the spawner (while main is still small), load and apply
+        the first config (so that API access control is in force before the API serves
+        anyone), then start the service processes. Raises ``ConfigError``."""
         args = self.args
         self.manager = SyncManager()
         self.manager.start(_ignore_signals)
@@ -251,7 +245,10 @@ class Daemon:
                               connect_deadline=args.wrapper_connect_timeout,
                               legacy=args.legacy, token_for=partial(instance_token, key),
                               wrapper_options=wrapper_options)
-        self.apply_config(snapshot)
+        # forked while main is small: every worker is forked from it, not from main
+        self.spawner = Spawner(self.ctx, run, adopt)
+        self.spawner.start()
+        self.apply_config(self.config_dir.load())
         if not args.legacy:
             server_key = None if args.no_wrapper_auth else key
             self._start_service("websocket", _wsserver_main,
@@ -280,10 +277,8 @@ class Daemon:
                     log.error("instance %s: cannot adopt it, its job is gone and its record "
                               "is unusable: %s", instance, exc)
                     continue
-            process = multiprocessing.Process(target=_adopt_main,
-                                              args=(self.ctx, job, record), name=instance)
-            process.start()
-            self.workers[instance] = process
+            self.spawner.adopt(job, record)
+            self.workers[instance] = job_name
             self.instances_by_job.setdefault(job_name, set()).add(instance)
 
     def account_for_downtime(self) -> None:
@@ -357,8 +352,11 @@ class Daemon:
         self.stopping = True
 
     def shutdown(self) -> None:
-        """Stop every child: SIGTERM, a grace period, then SIGKILL; reap them all."""
-        children = list(self.workers.values()) + list(self.services.values())
+        """Stop every child: SIGTERM, a grace period, then SIGKILL; reap them all. The
+        workers go first, through the spawner that owns them."""
+        if self.spawner is not None:
+            self.spawner.stop()
+        children = list(self.services.values())
         for process in children:
             if process.is_alive():
                 process.terminate()
@@ -398,13 +396,21 @@ class Daemon:
             self._wait_for_command(max(0.0, wait))
 
     def _wait_for_command(self, timeout: float) -> None:
+        """Sleep until a command comes or ``timeout`` passes; handle every command queued."""
         try:
             command = self.shared.scheduler_commands.get(timeout=timeout)
+            for _ in range(MAX_COMMANDS_PER_PASS):
+                self._handle_command(command)
+                command = self.shared.scheduler_commands.get_nowait()
         except Empty:
             return
         except (EOFError, OSError, InterruptedError):
             return
-        if command and command[0] == "run":
+
+    def _handle_command(self, command) -> None:
+        if command and command[0] == "exited":
+            self.worker_exited(command[1], command[2])
+        elif command and command[0] == "run":
             job_name = command[1]
             if job_name in self.jobs:
                 log.info("job %s: run requested", job_name)
@@ -489,10 +495,8 @@ class Daemon:
             instance = "%s_%d_%d" % (job_name, int(fire_time.timestamp()), suffix)
         self._set_schedule_info(job_name, overlap=False, last_run=now, next_run=next_run)
         log.info("job %s: firing %s%s", job_name, instance, "" if scheduled else " (run now)")
-        process = multiprocessing.Process(target=_worker_main, args=(self.ctx, job, instance),
-                                          name=instance)
-        process.start()
-        self.workers[instance] = process
+        self.spawner.run(job, instance)
+        self.workers[instance] = job_name
         self.instances_by_job.setdefault(job_name, set()).add(instance)
 
     def _set_schedule_info(self, job_name: str, **fields) -> None:
@@ -510,19 +514,21 @@ class Daemon:
                                                        if name in self.schedule_info})
             self.schedule_dirty.clear()
 
+    def worker_exited(self, instance: str, exit_code: int) -> None:
+        """The spawner reaped the worker of ``instance``."""
+        job_name = self.workers.pop(instance, None)
+        if job_name is None:
+            return
+        self.instances_by_job.get(job_name, set()).discard(instance)
+        if exit_code != 0:
+            log.error("instance %s: worker exited with %s", instance, exit_code)
+            shared_state.end_instance(self.shared, job_name, instance)
+
     def reap(self) -> None:
-        """Join finished workers; restart a service that died."""
-        for instance, process in list(self.workers.items()):
-            if process.is_alive():
-                continue
-            process.join()
-            del self.workers[instance]
-            for instances in self.instances_by_job.values():
-                instances.discard(instance)
-            if process.exitcode not in (0, None):
-                log.error("instance %s: worker exited with %s", instance, process.exitcode)
-                job_name = instance.rsplit("_", 1)[0]
-                shared_state.end_instance(self.shared, job_name, instance)
+        """Restart a service (or the spawner) that died."""
+        if not self.stopping and self.spawner is not None and not self.spawner.alive():
+            log.error("the spawner died; starting a new one (workers it had run on alone)")
+            self.spawner.start()
         for name, process in list(self.services.items()):
             if not process.is_alive() and not self.stopping:
                 process.join()
@@ -571,12 +577,6 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s [%(processName)s] %(message)s")
-    config_dir = ConfigDir(args.configdir)
-    try:
-        snapshot = config_dir.load()
-    except ConfigError as exc:
-        sys.stderr.write("saltpeter: error: %s\n" % exc)
-        return 2
     try:
         ssl_context = server_ssl_context(args)
     except (OSError, ssl.SSLError) as exc:
@@ -584,8 +584,13 @@ def main(argv=None) -> int:
         return 2
     multiprocessing.set_start_method("fork", force=True)
     raise_open_files_limit()
-    daemon = Daemon(args, config_dir, ssl_context)
-    daemon.start(snapshot)
+    daemon = Daemon(args, ConfigDir(args.configdir), ssl_context)
+    try:
+        daemon.start()
+    except ConfigError as exc:
+        daemon.shutdown()
+        sys.stderr.write("saltpeter: error: %s\n" % exc)
+        return 2
     log.info("saltpeter %s started (config %s, logs %s, %s mode)", __version__,
              args.configdir, args.logdir,
              "local" if args.local else ("legacy" if args.legacy else "salt"))
