@@ -85,10 +85,10 @@ def run(ctx: RunContext, job, instance: str) -> None:
     """Run one instance of ``job`` on its targets and record every result."""
     shared = ctx.shared
     started = utcnow()
+    ctx.joblog.start(job.name, job.group, instance, started)
     record = InstanceRecord(ctx, job, instance, started)
     record.save()
     shared_state.start_instance(shared, job.name, instance, [], started)
-    ctx.joblog.start(job.name, job.group, instance, started)
     try:
         machines = _choose_targets(ctx, job, instance, started)
         record.save(targets=machines, todo=list(machines))

@@ -78,7 +78,9 @@ def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
         config=manager.dict({"crons": {}, "maintenance": {"global": False, "machines": []},
                              "serial": 0.0}),
         access=manager.dict({"read_only": False, "users": {}, "serial": 0.0}),
-        locks=[manager.Lock() for _ in range(LOCK_POOL_SIZE)],
+        # semaphores inherited by fork: no Manager round trip, and no Manager proxy (each
+        # proxy costs every new process a connection to the Manager when it starts)
+        locks=[multiprocessing.Lock() for _ in range(LOCK_POOL_SIZE)],
         scheduler_commands=multiprocessing.Queue(),
         ws_commands=multiprocessing.Queue(),
         statedir=statedir,
