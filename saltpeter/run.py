@@ -95,9 +95,7 @@ def run(ctx: RunContext, job, instance: str) -> None:
         _run_batches(ctx, job, instance, machines, record)
     except Exception:
         log.exception("instance %s: run failed", instance)
-        for machine in shared_state.instance_machines(shared, instance):
-            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
-                    "[saltpeter] run failed inside the daemon; see its log\n")
+        _fail_unfinished(ctx, job, instance)
     finally:
         _end(ctx, job, instance)
 
@@ -162,11 +160,16 @@ def adopt(ctx: RunContext, job, record_data: Dict) -> None:
         _run_batches(ctx, job, instance, todo, record)
     except Exception:
         log.exception("instance %s: adopting it failed", instance)
-        for machine in shared_state.instance_machines(shared, instance):
-            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
-                    "[saltpeter] run failed inside the daemon; see its log\n")
+        _fail_unfinished(ctx, job, instance)
     finally:
         _end(ctx, job, instance)
+
+
+def _fail_unfinished(ctx: RunContext, job, instance: str) -> None:
+    """After a bug in the worker: every machine without a result gets 255, not silence."""
+    for machine in shared_state.instance_machines(ctx.shared, instance):
+        _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                "[saltpeter] run failed inside the daemon; see its log\n")
 
 
 def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> List[str]:
