@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-i", "--index", default="saltpeter",
                         help="search index prefix (default: saltpeter)")
     parser.add_argument("-v", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--write-wrapper", default=None, metavar="FILE",
+                        help="write the single-file wrapper (Python 3.9+, no packages "
+                             "needed) to FILE, for deploying it by hand, and exit")
     parser.add_argument("--hash-password", action="store_true",
                         help="read a password on standard input, print its hash for the "
                              "users of the saltpeter_api config section, and exit")
@@ -571,6 +574,17 @@ def main(argv=None) -> int:
         return 0
     if args.hash_password:
         return _print_password_hash()
+    if args.write_wrapper:
+        from saltpeter.deploy import wrapper_bundle
+        bundle = wrapper_bundle()
+        try:
+            bundle.write(args.write_wrapper)
+        except OSError as exc:
+            sys.stderr.write("saltpeter: error: cannot write %s: %s\n"
+                             % (args.write_wrapper, exc.strerror))
+            return 2
+        print("%s (version %s)" % (args.write_wrapper, bundle.version))
+        return 0
     problem = _check_dirs(args)
     if problem:
         sys.stderr.write("saltpeter: error: %s\n" % problem)

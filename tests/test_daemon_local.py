@@ -332,3 +332,14 @@ def test_cli_version_and_errors(tmp_path):
     assert "missing" in missing.stderr
     bad_port = run("-w", "70000")
     assert bad_port.returncode == 2 and len(bad_port.stderr.strip().splitlines()) == 1
+
+
+def test_write_wrapper_gives_a_single_file_that_runs_without_packages(tmp_path):
+    target = tmp_path / "sp-wrapper.py"
+    done = subprocess.run([sys.executable, "-m", "saltpeter", "--write-wrapper", str(target)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and str(target) in done.stdout
+    usage = subprocess.run([sys.executable, "-I", "-S", str(target)], capture_output=True,
+                           text=True, timeout=30, cwd=str(tmp_path))
+    assert usage.returncode == 2
+    assert "SP_WEBSOCKET_URL" in usage.stderr and len(usage.stderr.strip().splitlines()) == 1
