@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 KILL_RETCODES = {"timeout": RETCODE_TIMEOUT, "user": RETCODE_KILLED}
 # Liveness (judged by the WebSocket server) and kill requests are read this often;
-# finished machines are looked for every WORKER_POLL_INTERVAL.
+# finished machines are looked for every WORKER_POLL_INTERVAL while results come in, and
+# less often (doubling up to LIVENESS_CHECK_INTERVAL) while none do: each look copies the
+# instance's whole machine list out of the Manager (10,000 names in a fleet).
 LIVENESS_CHECK_INTERVAL = 1.0
 
 
@@ -307,9 +309,12 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
     soft_warned = False
     timeout_requested = False
     next_liveness_check = 0.0
+    poll = WORKER_POLL_INTERVAL
     while unlogged:
         still_running = set(shared_state.instance_machines(shared, instance))
         finished_now = sorted(unlogged - still_running)
+        poll = (WORKER_POLL_INTERVAL if finished_now
+                else min(poll * 2, LIVENESS_CHECK_INTERVAL))
         if finished_now:
             # finalised by the WebSocket server: log them here, reading the state once
             results = shared_state.get_results(shared, job.name)
@@ -338,7 +343,7 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
                         job.timeout, ", ".join(sorted(pending)))
             shared_state.request_kill(shared, job.name, instance, sorted(pending), "timeout", now)
         if now < next_liveness_check:
-            time.sleep(WORKER_POLL_INTERVAL)
+            time.sleep(poll)
             continue
         next_liveness_check = now + LIVENESS_CHECK_INTERVAL
         liveness = shared_state.get_liveness(shared, instance)
@@ -360,7 +365,7 @@ def processresults_websocket(ctx: RunContext, job, instance: str, machines: List
                 _finalise(ctx, job, instance, machine, RETCODE_HEARTBEAT_LOST, pending, unlogged,
                           "[saltpeter] no heartbeat for %ds; the wrapper is lost\n"
                           % HEARTBEAT_LOSS_AFTER, record)
-        time.sleep(WORKER_POLL_INTERVAL)
+        time.sleep(poll)
 
 
 def _finalise(ctx, job, instance, machine, retcode, pending, unlogged, note, record) -> None:
