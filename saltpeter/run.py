@@ -62,7 +62,8 @@ class InstanceRecord:
         self.statedir = ctx.shared.statedir
         self.data = data or {"instance": instance, "job_name": job.name, "group": job.group,
                              "job": job.raw, "started": started.isoformat(),
-                             "targets": [], "todo": [], "launched": {}, "logged": []}
+                             "targets": [], "todo": [], "launched": {}, "logged": [],
+                             "legacy": ctx.legacy or not job.use_wrapper}
 
     def save(self, **changes) -> None:
         self.data.update(changes)
@@ -144,6 +145,15 @@ def adopt(ctx: RunContext, job, record_data: Dict) -> None:
              ", ".join(unfinished) or "nothing")
     shared_state.start_instance(shared, job.name, instance, unfinished, started)
     shared_state.init_results(shared, job.name, job.group, unfinished, started)
+    if record_data.get("legacy"):
+        # cmd.run returns went to the previous daemon's Salt client: nothing can bring
+        # them back, and running the command again could do the work twice
+        for machine in unfinished:
+            _record(ctx, job, instance, machine, RETCODE_NO_RESPONSE,
+                    "[saltpeter] the daemon restarted while this legacy (cmd.run) job ran "
+                    "here; its result is unknown and it was not run again\n")
+        _end(ctx, job, instance)
+        return
     shared.ws_commands.put(("register", instance, job.name, list(launched)))
     try:
         for machine in list(launched):

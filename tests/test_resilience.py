@@ -135,3 +135,20 @@ def test_tls_jobs_complete_and_plain_clients_are_refused(daemon_factory, tmp_pat
     with pytest.raises(Exception):
         with connect("wss://127.0.0.1:%d" % daemon.ws_port, open_timeout=3):
             pass
+
+
+def test_legacy_job_running_at_a_restart_is_reported_not_rerun(daemon_factory, tmp_path):
+    runs = tmp_path / "runs.txt"
+    daemon = daemon_factory()
+    write_job(daemon.config_dir, "demo", job_yaml(
+        "oldstyle", "echo run >> %s; sleep 20 # %s" % (runs, tmp_path), sec="*/30",
+        use_wrapper="false"))
+    daemon.start()
+    wait_for(lambda: runs.exists(), timeout=40, message="the legacy job started")
+    os.killpg(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait()
+    daemon.start()
+    result = first_result(daemon, "oldstyle", timeout=20)
+    assert result["code"] == "255"
+    assert "legacy" in result["output"] and "not run again" in result["output"]
+    assert runs.read_text() == "run\n"
