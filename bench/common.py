@@ -145,6 +145,14 @@ def kill_marked(marker: str) -> None:
                     pass
 
 
+def stop_run(daemon, instance) -> None:
+    """End one benchmark run: the daemon, then the load generators of ``instance``."""
+    daemon.stop(timeout=60)
+    daemon.kill_everything()
+    if instance:
+        kill_marked(instance)
+
+
 # ---------------------------------------------------------------- statistics and tables
 
 def percentile(values, pct: float):

@@ -14,14 +14,13 @@ import re
 import sys
 from collections import Counter
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (kill_marked, log_times, next_whole_second, once_at,  # noqa: E402
-                          print_table, read_reports, spread, start_daemon, wait_for,
-                          write_jobs)
+from bench.common import (log_times, next_whole_second, once_at,  # noqa: E402
+                          print_table, read_reports, spread, start_daemon, stop_run,
+                          wait_for, write_jobs)
 
 COLUMNS = ["machines", "fire to all recorded s", "last complete to all recorded s",
            "wrappers connected", "refused", "results in log", "exit codes in log"]
@@ -59,10 +58,7 @@ def run_once(machines: int, hold: float, tmp: Path) -> dict:
                 "refused": sum(r["refused"] for r in reports), "logged": logged,
                 "codes": exit_codes(log_text)}
     finally:
-        daemon.stop(timeout=60)
-        daemon.kill_everything()
-        if instance:
-            kill_marked(instance)
+        stop_run(daemon, instance)
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (PYTHON, REPO, ProcessMeter, free_port, kill_marked,  # noqa: E402
-                          log_times, measure_window, next_whole_second, once_at,
-                          percentile, print_table, read_reports, spread, start_daemon,
+                          measure_window, next_whole_second, once_at, percentile,
+                          print_table, read_reports, spread, start_daemon, stop_run,
                           wait_for, write_jobs)
 
 SIMWRAPPER = str(REPO / "bench" / "simwrapper.py")
@@ -150,10 +150,7 @@ def run_saltpeter(args, tmp: Path):
                 "p50": percentile(samples, 50) * 1000, "p99": percentile(samples, 99) * 1000,
                 "samples": len(samples), "errors": [r["errors"] for r in reports]}
     finally:
-        daemon.stop(timeout=60)
-        daemon.kill_everything()
-        if instance:
-            kill_marked(instance)
+        stop_run(daemon, instance)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (ProcessMeter, kill_marked, log_times,  # noqa: E402
+from bench.common import (ProcessMeter, log_times, stop_run,  # noqa: E402
                           next_whole_second, once_at, print_table, read_reports, spread,
                           start_daemon, write_jobs)
 
@@ -66,10 +66,7 @@ def run_once(wrappers: int, bytes_each: int, tmp: Path, timeout: float) -> dict:
         return {"rate": total / MB / seconds, "seconds": seconds,
                 "rss": (meter.peak_rss - baseline) / 1e6, "complete": log_size >= total}
     finally:
-        daemon.stop(timeout=60)
-        daemon.kill_everything()
-        if instance:
-            kill_marked(instance)
+        stop_run(daemon, instance)
 
 
 def main(argv=None) -> int:

@@ -67,7 +67,6 @@ def run_configured(count: int, idle_window: float, tmp: Path) -> dict:
         load_seconds = daemon_log_time(loaded_line) - written
         time.sleep(3)
         meter = ProcessMeter(daemon.proc.pid)
-        main_meter = ProcessMeter(daemon.proc.pid)
         meter.start_window()
         main_cpu_start = _main_cpu(daemon)
         total_cpu = measure_window(meter, idle_window)
