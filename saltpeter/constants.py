@@ -7,7 +7,7 @@ RETCODE_HEARTBEAT_LOST = 253
 RETCODE_NO_RESPONSE = 255
 
 # Wrapper liveness.
-HEARTBEAT_INTERVAL = 5.0          # seconds between wrapper heartbeats
+# The wrapper heartbeats every 5 s (wrapper/runner.py, which imports nothing of ours).
 HEARTBEAT_LOSS_AFTER = 15.0       # no message for this long: the machine is lost (253)
 DEFAULT_CONNECT_DEADLINE = 60.0   # a launched wrapper that never connects by then: 255
 

@@ -66,9 +66,7 @@ class WrapperSession:
         self.last_seq = 0
         self.checkpointed_size = 0       # spool size covered by the on-disk checkpoint
         self.connection = None
-        self.connected = False
         self.last_seen = 0.0
-        self.pid: Optional[int] = None
         self.kill_reason: Optional[str] = None
         self.kill_sent = False
         self.finished = False
@@ -266,7 +264,6 @@ class WebSocketServer:
             for session in bound:
                 if session.connection is connection:
                     session.connection = None
-                    session.connected = False
                     if not session.finished:
                         log.info("instance %s machine %s: wrapper disconnected",
                                  session.instance, session.machine)
@@ -337,7 +334,6 @@ class WebSocketServer:
         if not session.last_seen:
             self.liveness_dirty.add(session)
         session.last_seen = time.time()
-        session.connected = True
         if session.finished:
             return
         kind = message.type
@@ -345,7 +341,8 @@ class WebSocketServer:
             log.info("instance %s machine %s: wrapper connected", session.instance,
                      session.machine)
         elif kind == "start":
-            session.pid = message.pid
+            log.info("instance %s machine %s: command started (pid %s)", session.instance,
+                     session.machine, message.pid)
         elif kind == "output":
             self._append_output(session, message.data)
         elif kind == "complete":
