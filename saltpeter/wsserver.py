@@ -318,7 +318,9 @@ class WebSocketServer:
         log.info("instance %s machine %s: sending kill (%s) to the wrapper",
                  session.instance, session.machine, session.kill_reason)
         try:
-            await connection.send(encode(server_message("kill", reason=session.kill_reason)))
+            await connection.send(encode(server_message(
+                "kill", reason=session.kill_reason, job_name=session.job_name,
+                job_instance=session.instance, machine=session.machine)))
         except ConnectionClosed:
             session.kill_sent = False
 
