@@ -24,7 +24,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from saltpeter import state as shared_state
-from saltpeter.auth import token_is_valid
+from saltpeter.auth import TokenChecker
 from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, RETCODE_KILLED, RETCODE_NO_RESPONSE,
                                  RETCODE_TIMEOUT, STATE_FLUSH_INTERVAL)
 from saltpeter.records import load_instances
@@ -92,7 +92,7 @@ class WebSocketServer:
         self.host = host
         self.port = port
         self.max_frame = max_frame
-        self.key = key
+        self.tokens = TokenChecker(key) if key is not None else None
         self.ssl_context = ssl_context
         self.sessions: Dict[SessionKey, WrapperSession] = {}
         self.instance_jobs: Dict[str, str] = {}
@@ -182,6 +182,8 @@ class WebSocketServer:
 
     def forget_instance(self, instance: str) -> None:
         self.instance_jobs.pop(instance, None)
+        if self.tokens is not None:
+            self.tokens.forget(instance)
         for key in [key for key in self.sessions if key[0] == instance]:
             self.sessions.pop(key).spool.close()
 
@@ -237,8 +239,8 @@ class WebSocketServer:
                         % (message.job_instance, message.machine))))
                     await connection.close(1008, "unknown job instance")
                     return
-                if self.key is not None and not token_is_valid(self.key, session.instance,
-                                                               message.token):
+                if self.tokens is not None and not self.tokens.is_valid(session.instance,
+                                                                        message.token):
                     log.warning("WebSocket client %s: refused %s message for instance %s "
                                 "machine %s: missing or invalid token", peer, message.type,
                                 session.instance, session.machine)

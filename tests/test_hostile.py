@@ -431,6 +431,15 @@ def test_forged_and_unknown_instance_messages_are_refused_and_change_nothing(
             "no_token": await send_and_collect(port, [forged_output, forged_complete]),
             "wrong_token": await send_and_collect(
                 port, [with_token(forged_complete, "0" * 64)]),
+            # a token that is not even ASCII must be refused like any wrong one
+            "non_ascii_token": await send_and_collect(
+                port, [with_token(forged_complete, "\u00e9" * 64)]),
+            # the genuine token once (on a heartbeat the server already has, so it changes
+            # nothing), then a forgery on the same connection: each message is checked
+            "wrong_token_after_genuine": await send_and_collect(port, [
+                with_token(seed_message("heartbeat", instance, machine),
+                           instance_token(key, instance)),
+                with_token(forged_complete, "0" * 64, seq=2 ** 40)]),
             # a genuine token, but another instance's: replayed where it does not belong
             "other_token": await send_and_collect(
                 port, [with_token(forged_complete, instance_token(key, "honest_1"))]),
@@ -456,7 +465,8 @@ def test_forged_and_unknown_instance_messages_are_refused_and_change_nothing(
     assert "FORGED" not in result["output"]
     output = daemon.output()
     assert len(re.findall(r"refused \w+ message for instance %s machine %s: missing or invalid "
-                          r"token" % (instance, re.escape(machine)), output)) == 3
+                          r"token" % (instance, re.escape(machine)), output)) == 5
+    assert "Traceback" not in output
     assert "refused complete message for unknown job instance 'honest_1'" in output
     assert "refused complete message for unknown job instance %r machine %r (job 'other')" \
         % (instance, machine) in output
