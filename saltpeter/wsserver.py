@@ -70,7 +70,7 @@ class WrapperSession:
         self.kill_reason: Optional[str] = None
         self.kill_sent = False
         self.finished = False
-        self.published = {"seen": False, "lost": False}   # what liveness shows of it
+        self.published_lost = False      # what liveness in the shared state shows of it
 
     def liveness(self, now: float) -> Dict:
         """Has the wrapper reported in this daemon's life, and has it gone silent?"""
@@ -335,8 +335,8 @@ class WebSocketServer:
             if message.seq <= session.last_seq:
                 return  # a re-sent message we already have
             session.last_seq = message.seq
-        if not session.last_seen:
-            self.liveness_dirty.add(session)
+        if not session.last_seen or session.published_lost:
+            self.liveness_dirty.add(session)   # seen for the first time, or back
         session.last_seen = time.time()
         if session.finished:
             return
@@ -397,17 +397,22 @@ class WebSocketServer:
         dirty_sessions, self.output_dirty = self.output_dirty, set()
         for session in dirty_sessions:
             session.spool.flush()
-        if sweep:   # wrappers gone silent since the last sweep
-            now = time.time()
+        if sweep:
+            # Wrappers gone silent since the last sweep. The way back (a message from a
+            # wrapper shown lost, or its end) is marked by _handle_message, so this pass
+            # is one cheap test per session, without building anything for it.
+            silent_since = time.time() - HEARTBEAT_LOSS_AFTER
             self.liveness_dirty.update(
                 session for session in self.sessions.values()
-                if session.liveness(now)["lost"] != session.published["lost"])
+                if 0 < session.last_seen < silent_since and not session.published_lost
+                and not session.finished)
         liveness: Dict[str, Dict[str, Dict]] = {}
         dirty, self.liveness_dirty = self.liveness_dirty, set()
         now = time.time()
         for session in dirty:
-            session.published = session.liveness(now)
-            liveness.setdefault(session.instance, {})[session.machine] = session.published
+            published = session.liveness(now)
+            session.published_lost = published["lost"]
+            liveness.setdefault(session.instance, {})[session.machine] = published
         finals, self.finals = self.finals, []
         if finals or liveness:
             await asyncio.to_thread(self._write_state, finals, liveness)
