@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 LIVENESS_SWEEP_INTERVAL = 1.0    # how often silent wrappers are looked for
 ACK_DELAY = 0.1                  # acks are cumulative: one per connection per 100 ms
-# A final report is acked at once (the wrapper waits for it to exit); a heartbeat alone
-# needs no quick ack (nothing to lose), so 10,000 idle wrappers cost few acks.
-ACK_DELAYS = {"complete": 0.0, "error": 0.0, "heartbeat": 30.0}
+# A final report is acked at once (the wrapper waits for it to exit). A heartbeat alone
+# carries nothing to resend, so its ack only lets the wrapper drop the heartbeats it
+# keeps until acked: one ack per 5 minutes holds that at 60 small messages, and 10,000
+# idle wrappers cost 33 acks a second. Any other message brings its ack within ACK_DELAY.
+HEARTBEAT_ACK_DELAY = 300.0
+ACK_DELAYS = {"complete": 0.0, "error": 0.0, "heartbeat": HEARTBEAT_ACK_DELAY}
 MAX_BAD_MESSAGES = 10            # a connection that sends this many bad messages is closed
 # A wrapper sends ``connect`` as soon as it is connected (and again after a reconnect); a
 # connection with no accepted message by then is idle or hostile and would hold a socket
