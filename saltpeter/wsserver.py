@@ -198,13 +198,12 @@ class WebSocketServer:
             self.sessions[key] = session
         return session
 
-    async def _lookup_session(self, instance: str, machine: str) -> Optional[WrapperSession]:
-        """The session for a message, or None if this daemon did not launch that machine
-        of that instance. Registration normally arrives first; the running table is the
-        fallback for a wrapper quicker than the command queue."""
-        session = self.sessions.get((instance, machine))
-        if session is not None:
-            return session
+    async def _session_from_running(self, instance: str,
+                                    machine: str) -> Optional[WrapperSession]:
+        """The session for a message of a machine not registered (yet), or None if this
+        daemon did not launch that machine of that instance. Registration normally
+        arrives first; the running table is the fallback for a wrapper quicker than the
+        command queue."""
         entry = await asyncio.to_thread(self.shared.running.get, instance)
         if not entry or machine not in entry.get("machines", ()):
             return None
@@ -232,7 +231,10 @@ class WebSocketServer:
                         await connection.close(1008, "too many bad messages")
                         return
                     continue
-                session = await self._lookup_session(message.job_instance, message.machine)
+                session = self.sessions.get((message.job_instance, message.machine))
+                if session is None:
+                    session = await self._session_from_running(message.job_instance,
+                                                               message.machine)
                 if session is None or message.job_name != session.job_name:
                     log.warning("WebSocket client %s: refused %s message for unknown job "
                                 "instance %r machine %r (job %r)", peer, message.type,
