@@ -239,6 +239,27 @@ class DueQueue:
         self._drop_stale_top()
         return self._heap[0][0] if self._heap else None
 
+    def count_due_before(self, moment: datetime) -> int:
+        """How many queued jobs fire at or before ``moment`` (each job counts once).
+
+        Walks only the part of the heap that is due by then: a heap entry later than
+        ``moment`` has no earlier entry below it, so the cost is the size of the answer.
+        """
+        moment_utc = _as_utc(moment)
+        heap = self._heap
+        count = 0
+        todo = [0] if heap else []
+        while todo:
+            index = todo.pop()
+            entry = heap[index]
+            if entry[0] > moment_utc:
+                continue
+            if self._is_live(entry):
+                count += 1
+            todo.extend(child for child in (2 * index + 1, 2 * index + 2)
+                        if child < len(heap))
+        return count
+
     def pop_due(self, now: datetime,
                 max_lateness: Optional[float] = None) -> List[Tuple[str, datetime]]:
         """Every ``(job_name, fire_time)`` with ``fire_time <= now``, in time order.
