@@ -24,6 +24,7 @@ lose each other's writes.
 
 import logging
 import multiprocessing
+import queue
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,7 +55,7 @@ class Shared:
     access: Any
     locks: List[Any]
     scheduler_commands: Any            # multiprocessing.Queue: ('run', job_name)
-    ws_commands: Any                   # multiprocessing.Queue: ('register', instance, job,
+    ws_commands: Any                   # CommandPipe: ('register', instance, job,
                                        # [machines]), ('forget', instance),
                                        # ('kill', instance, [machines], reason)
     statedir: str = ""
@@ -64,6 +65,36 @@ class Shared:
     def job_lock(self, job_name: str):
         """The lock that guards ``state[job_name]`` and that job's ``running`` entries."""
         return self.locks[zlib.crc32(job_name.encode("utf-8", "replace")) % len(self.locks)]
+
+
+class CommandPipe:
+    """A command channel from many forked processes to one reader: a pipe and a lock.
+
+    ``put`` writes in the caller, at once. A ``multiprocessing.Queue`` instead starts a
+    feeder thread in every process that puts, which costs a short-lived per-run worker
+    about as much as the rest of its start, and whose buffer is lost if the process ends
+    with ``os._exit`` before the thread wrote it. The reader must keep reading (the
+    WebSocket server does, in a thread): a writer blocks while the pipe is full.
+    """
+
+    def __init__(self):
+        self._reader, self._writer = multiprocessing.Pipe(duplex=False)
+        self._write_lock = multiprocessing.Lock()
+
+    def put(self, item) -> None:
+        with self._write_lock:
+            self._writer.send(item)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None):
+        """The next item; ``queue.Empty`` if none came within ``timeout`` (or at once,
+        with ``block=False``)."""
+        if not block or timeout is not None:
+            if not self._reader.poll(timeout if block else 0):
+                raise queue.Empty
+        return self._reader.recv()
+
+    def get_nowait(self):
+        return self.get(block=False)
 
 
 def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
@@ -82,7 +113,7 @@ def make_shared(manager, statedir: str, ret_cap: int = DEFAULT_RET_CAP,
         # proxy costs every new process a connection to the Manager when it starts)
         locks=[multiprocessing.Lock() for _ in range(LOCK_POOL_SIZE)],
         scheduler_commands=multiprocessing.Queue(),
-        ws_commands=multiprocessing.Queue(),
+        ws_commands=CommandPipe(),
         statedir=statedir,
         ret_cap=ret_cap,
         options=dict(options or {}),
