@@ -32,7 +32,7 @@ from saltpeter.joblog import JobLog
 from saltpeter.records import FireLedger, load_instances
 from saltpeter.run import RunContext, adopt, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
-from saltpeter.spawner import Spawner
+from saltpeter.spawner import PREPARE_AHEAD, Spawner
 from saltpeter.wsserver import DEFAULT_MAX_FRAME
 
 log = logging.getLogger("saltpeter")
@@ -310,6 +310,7 @@ class Daemon:
             self.joblog.missed(job_name, job.group, len(missed), missed[0], missed[-1])
             if job.catch_up:
                 self.fire(job_name, missed[-1], scheduled=False)
+        self.spawner.start_queued()
 
     def _search_indexes(self):
         indexes = []
@@ -389,9 +390,12 @@ class Daemon:
             now_dt = datetime.now(timezone.utc)
             for job_name, fire_time in self.due.pop_due(now_dt, MAX_FIRE_LATENESS):
                 self.fire(job_name, fire_time)
+            self.spawner.start_queued()
             self.flush_schedule_info()
             self.ledger.save()
             self.reap()
+            self.spawner.prepare(self.due.count_due_before(
+                now_dt + timedelta(seconds=PREPARE_AHEAD)))
             next_fire = self.due.next_fire_time()
             wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
             if next_fire is not None:
@@ -418,6 +422,7 @@ class Daemon:
             if job_name in self.jobs:
                 log.info("job %s: run requested", job_name)
                 self.fire(job_name, datetime.now(timezone.utc), scheduled=False)
+                self.spawner.start_queued()
                 self.flush_schedule_info()
             else:
                 log.warning("run requested for unknown job %r", job_name)

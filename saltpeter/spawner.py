@@ -3,22 +3,35 @@
 Forking main for each fired instance costs a copy of main's page tables, which grow with
 the number of jobs configured (10,000 jobs: tens of milliseconds a fork, so 1,000 jobs
 due in one second took most of a minute to start). The spawner is forked from main once,
-early, while main is still small; main hands it ``(job, instance)`` over a pipe, and it
-forks a worker per instance. Each worker is still one process per fired instance, as the
-design asks, and starts in about a millisecond.
+early, while main is still small; main hands it the ``(job, instance)`` pairs fired in
+each pass of its loop over a pipe, in one message.
 
-The spawner owns its workers: it reaps them, reports each exit to main on the scheduler
-command queue as ``('exited', instance, exit_code)``, and on SIGTERM (also sent to it if
-main dies) stops them all, SIGTERM then SIGKILL, before it exits.
+Workers are forked ahead of need. A cron daemon knows what is due next: main tells the
+spawner how many jobs fire within the next ``PREPARE_AHEAD`` seconds, and the spawner
+forks that many idle workers in its spare time. An idle worker waits on a pipe of its
+own; when an instance fires, the spawner writes the instance to one idle worker and
+closes the pipe, and the worker runs that instance and exits. So each fired instance
+still gets exactly one process of its own, as the design asks, but a burst of 1,000
+instances due in the same second costs 1,000 pipe writes when it comes, not 1,000 forks.
+Idle workers beyond what is due are ended after ``IDLE_LINGER`` seconds unused; a
+worker that finds its pipe closed with nothing in it simply exits.
+
+The spawner owns its workers: it reaps them, reports each exit of a worker that had an
+instance to main on the scheduler command queue as ``('exited', instance, exit_code)``,
+and on SIGTERM (also sent to it if main dies) stops them all, SIGTERM then SIGKILL,
+before it exits.
 """
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import time
-from typing import Dict, Optional
+from collections import deque
+from typing import Deque, Dict, NamedTuple, Optional, Set
 
 from saltpeter.constants import SHUTDOWN_GRACE
 
@@ -27,6 +40,17 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 REAP_INTERVAL = 0.1          # seconds between looks for exited workers while idle
 SPAWNER_PRIORITY_BOOST = 5   # the spawner runs this much less nice than its workers
+PREPARE_AHEAD = 10.0         # main counts the jobs due within this many seconds
+MIN_IDLE_WORKERS = 2         # always ready: a run-now or a lone due job starts at once
+MAX_IDLE_WORKERS = 1000      # never more idle workers than this, whatever is due
+IDLE_LINGER = 60.0           # an idle worker not needed for this long is ended
+FORK_RETRY_AFTER = 1.0       # a failed fork of an idle worker is retried this much later
+
+
+class IdleWorker(NamedTuple):
+    pid: int
+    pipe: int           # write end: the assignment goes here, then it is closed
+    since: float        # monotonic time it became idle
 
 
 class Spawner:
@@ -38,6 +62,8 @@ class Spawner:
         self.adopt_instance = adopt_instance      # callable(ctx, job, record)
         self.process: Optional[multiprocessing.Process] = None
         self.requests = None
+        self.queued = []
+        self.prepared = None
 
     def start(self) -> None:
         receiver, self.requests = multiprocessing.Pipe(duplex=False)
@@ -46,12 +72,34 @@ class Spawner:
             args=(self.ctx, receiver, self.run_instance, self.adopt_instance))
         self.process.start()
         receiver.close()
+        self.prepared = None
 
     def run(self, job, instance: str) -> None:
-        self.requests.send(("run", job, instance))
+        """Queue ``instance`` of ``job`` to start; ``start_queued`` sends the queue."""
+        self.queued.append((job, instance))
+
+    def start_queued(self) -> None:
+        """Send every queued instance in one message: a burst of instances fired in one
+        pass of main's loop reaches the workers at once, not spread over the time main
+        takes to fire them (while the first workers already compete with it for CPU)."""
+        if self.queued:
+            batch, self.queued = self.queued, []
+            self.requests.send(("run", None, batch))
+            self.prepared = None      # the spawner counted these off; say what is left
 
     def adopt(self, job, record: dict) -> None:
         self.requests.send(("adopt", job, record))
+
+    def prepare(self, due_soon: int) -> None:
+        """Tell the spawner that ``due_soon`` jobs fire within ``PREPARE_AHEAD`` s, so
+        that it has as many idle workers ready by then (sent only when it changes)."""
+        if due_soon == self.prepared:
+            return
+        try:
+            self.requests.send(("prepare", None, due_soon))
+            self.prepared = due_soon
+        except (OSError, EOFError) as exc:
+            log.warning("cannot tell the spawner what is due soon: %s", exc)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
@@ -69,6 +117,156 @@ class Spawner:
             self.process.join()
 
 
+class _Pool:
+    """The spawner's workers: idle ones waiting for an instance, busy ones running one."""
+
+    def __init__(self, ctx, run_instance, adopt_instance, niceness: int):
+        self.ctx = ctx
+        self.targets = {"run": run_instance, "adopt": adopt_instance}
+        self.niceness = niceness
+        self.idle: Deque[IdleWorker] = deque()
+        self.busy: Dict[int, str] = {}        # pid -> instance
+        self.ending: Set[int] = set()         # idle workers told to exit, not reaped yet
+        self.wanted_idle = MIN_IDLE_WORKERS
+        self.wanted_since = time.monotonic()
+        self.no_fork_until = 0.0              # after a failed fork, idle top-ups wait
+
+    def can_top_up(self) -> bool:
+        return len(self.idle) < self.wanted_idle and time.monotonic() >= self.no_fork_until
+
+    def want(self, due_soon: int) -> None:
+        wanted = min(max(due_soon, MIN_IDLE_WORKERS), MAX_IDLE_WORKERS)
+        if wanted != self.wanted_idle:
+            self.wanted_idle = wanted
+            self.wanted_since = time.monotonic()
+
+    def dispatch(self, kind: str, job, detail) -> None:
+        """Hand one instance to an idle worker (a new one if none is ready)."""
+        instance = detail if kind == "run" else detail["instance"]
+        # This instance was one of those due soon: no idle worker is forked again for it
+        # (main says what is still due after its pass).
+        self.wanted_idle = max(self.wanted_idle - 1, MIN_IDLE_WORKERS)
+        payload = pickle.dumps((kind, job, detail), pickle.HIGHEST_PROTOCOL)
+        while True:
+            worker = self.idle.popleft() if self.idle else self.fork_idle()
+            if worker is None:
+                self.ctx.shared.scheduler_commands.put(("exited", instance, -1))
+                return
+            if _hand_over(worker, payload):
+                self.busy[worker.pid] = instance
+                return
+            # That worker died while idle (reaped later); try the next one.
+
+    def top_up(self) -> bool:
+        """Fork one idle worker if fewer are ready than wanted; True if it did."""
+        if not self.can_top_up():
+            return False
+        worker = self.fork_idle()
+        if worker is None:
+            self.no_fork_until = time.monotonic() + FORK_RETRY_AFTER
+            return False
+        self.idle.append(worker)
+        return True
+
+    def trim(self) -> None:
+        """End idle workers beyond what is wanted once they have lingered unused."""
+        now = time.monotonic()
+        if now - self.wanted_since < IDLE_LINGER:
+            return
+        while len(self.idle) > self.wanted_idle and now - self.idle[0].since >= IDLE_LINGER:
+            worker = self.idle.popleft()
+            _close(worker.pipe)                 # it reads end-of-file and exits
+            self.ending.add(worker.pid)
+
+    def fork_idle(self) -> Optional[IdleWorker]:
+        try:
+            reader, writer = os.pipe()
+        except OSError as exc:
+            log.error("cannot make a pipe for a worker: %s", exc)
+            return None
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot fork a worker: %s", exc)
+            _close(reader)
+            _close(writer)
+            return None
+        if pid:
+            _close(reader)
+            return IdleWorker(pid, writer, time.monotonic())
+        _close(writer)
+        for other in self.idle:
+            _close(other.pipe)      # else an idle worker would keep another's pipe open
+        self._worker_main(reader)
+
+    def _worker_main(self, reader: int) -> None:
+        """In the new worker: wait for one instance, run it, exit. Never returns."""
+        code = 1
+        instance = "(none yet)"
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _drop_priority_boost(self.niceness)
+            payload = _read_to_end(reader)
+            if not payload:
+                code = 0            # not needed any more, or the spawner is gone
+            else:
+                kind, job, detail = pickle.loads(payload)
+                instance = detail if kind == "run" else detail["instance"]
+                multiprocessing.current_process().name = instance
+                self.targets[kind](self.ctx, job, detail)
+                code = 0
+        except BaseException:
+            log.exception("instance %s: worker failed", instance)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def reap(self, block: bool) -> None:
+        """Report every busy worker that has exited to main; forget idle ones that died."""
+        while self.busy or self.idle or self.ending:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.busy.clear()
+                self.idle.clear()
+                self.ending.clear()
+                return
+            if pid == 0:
+                return
+            self.ending.discard(pid)
+            instance = self.busy.pop(pid, None)
+            if instance is not None:
+                self.ctx.shared.scheduler_commands.put(
+                    ("exited", instance, os.waitstatus_to_exitcode(status)))
+                continue
+            for worker in self.idle:
+                if worker.pid == pid:
+                    log.warning("idle worker %d died (%s)", pid, status)
+                    self.idle.remove(worker)
+                    _close(worker.pipe)
+                    break
+
+    def stop(self) -> None:
+        """End every worker: idle ones see their pipe closed; all get SIGTERM, then
+        SIGKILL after ``SHUTDOWN_GRACE``."""
+        for worker in self.idle:
+            _close(worker.pipe)
+            _signal(worker.pid, signal.SIGTERM)
+        for pid in list(self.busy) + list(self.ending):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while (self.busy or self.idle or self.ending) and time.monotonic() < deadline:
+            self.reap(block=False)
+            time.sleep(0.05)
+        for pid, instance in list(self.busy.items()):
+            log.warning("worker of %s did not stop in %ss; killing it", instance,
+                        SHUTDOWN_GRACE)
+            _signal(pid, signal.SIGKILL)
+        for pid in [worker.pid for worker in self.idle] + list(self.ending):
+            _signal(pid, signal.SIGKILL)
+        self.reap(block=True)
+
+
 def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = []
@@ -76,10 +274,14 @@ def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
     _die_with_parent()
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     _boost_priority(niceness)
-    workers: Dict[int, str] = {}          # pid -> instance
+    pool = _Pool(ctx, run_instance, adopt_instance, niceness)
+    # Everything the spawner holds now is shared with each worker: kept out of the cyclic
+    # collector's sweeps, so that a worker's collections do not write (and so copy) it.
+    gc.freeze()
     while not stopping:
+        # Requests first; forking idle workers only while none is waiting.
         try:
-            ready = requests.poll(REAP_INTERVAL)
+            ready = requests.poll(0 if pool.can_top_up() else REAP_INTERVAL)
         except (EOFError, OSError, InterruptedError):
             ready = False
         while ready and not stopping:
@@ -88,79 +290,56 @@ def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
             except (EOFError, OSError):
                 stopping.append("main gone")
                 break
-            instance = detail if kind == "run" else detail["instance"]
-            target = run_instance if kind == "run" else adopt_instance
-            pid = _fork_worker(ctx, target, job, detail, instance, niceness)
-            if pid:
-                workers[pid] = instance
+            if kind == "prepare":
+                pool.want(detail)
+            elif kind == "run":
+                for run_job, instance in detail:
+                    pool.dispatch(kind, run_job, instance)
+            else:
+                pool.dispatch(kind, job, detail)
             ready = requests.poll(0)
-        _reap(ctx, workers, block=False)
-    _stop_workers(ctx, workers)
+        pool.reap(block=False)
+        if not stopping and not pool.top_up():
+            pool.trim()
+    pool.stop()
 
 
-def _fork_worker(ctx, target, job, detail, instance: str, niceness: int) -> Optional[int]:
-    """Fork one worker running ``target(ctx, job, detail)``; its pid (None on failure).
-
-    A plain fork, not ``multiprocessing.Process``: that one re-registers every Manager
-    proxy in the child, a connection to the Manager each, which made 1,000 workers
-    started in the same second queue for most of a minute. The spawner uses no proxy and
-    runs no thread, so the child can open its own connections when it needs them.
-    """
+def _hand_over(worker: IdleWorker, payload: bytes) -> bool:
+    """Write the whole assignment to an idle worker and close its pipe."""
     try:
-        pid = os.fork()
-    except OSError as exc:
-        log.error("instance %s: cannot fork its worker: %s", instance, exc)
-        ctx.shared.scheduler_commands.put(("exited", instance, -1))
-        return None
-    if pid:
-        return pid
-    code = 1
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _drop_priority_boost(niceness)
-        multiprocessing.current_process().name = instance
-        target(ctx, job, detail)
-        code = 0
-    except BaseException:
-        log.exception("instance %s: worker failed", instance)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(worker.pipe, view):]
+        return True
+    except OSError:
+        return False
     finally:
-        logging.shutdown()
-        os._exit(code)
+        _close(worker.pipe)
 
 
-def _reap(ctx, workers: Dict[int, str], block: bool) -> None:
-    """Report every worker that has exited to main."""
-    while workers:
-        try:
-            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            workers.clear()
-            return
-        if pid == 0:
-            return
-        instance = workers.pop(pid, None)
-        if instance is not None:
-            ctx.shared.scheduler_commands.put(("exited", instance,
-                                               os.waitstatus_to_exitcode(status)))
+def _read_to_end(reader: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(reader, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    _close(reader)
+    return b"".join(chunks)
 
 
-def _stop_workers(ctx, workers: Dict[int, str]) -> None:
-    for pid in list(workers):
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + SHUTDOWN_GRACE
-    while workers and time.monotonic() < deadline:
-        _reap(ctx, workers, block=False)
-        time.sleep(0.05)
-    for pid, instance in list(workers.items()):
-        log.warning("worker of %s did not stop in %ss; killing it", instance, SHUTDOWN_GRACE)
-        _signal(pid, signal.SIGKILL)
-    _reap(ctx, workers, block=True)
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _boost_priority(niceness: int) -> None:
-    """Keep the spawner forking while a burst of new workers competes for the CPU: the
-    lowest real-time priority if allowed (it only ever sleeps in ``poll`` or forks), else
-    a lower niceness, else nothing (an unprivileged daemon)."""
+    """Keep the spawner handing out instances while a burst of new workers competes for
+    the CPU: the lowest real-time priority if allowed (it only ever sleeps in ``poll``,
+    writes to pipes or forks), else a lower niceness, else nothing (an unprivileged
+    daemon)."""
     try:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
         return
