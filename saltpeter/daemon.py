@@ -32,7 +32,7 @@ from saltpeter.joblog import JobLog
 from saltpeter.records import FireLedger, load_instances
 from saltpeter.run import RunContext, adopt, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
-from saltpeter.spawner import PREPARE_AHEAD, Spawner
+from saltpeter.spawner import MAX_IDLE_WORKERS, PREPARE_AHEAD, Spawner
 from saltpeter.wsserver import DEFAULT_MAX_FRAME
 
 log = logging.getLogger("saltpeter")
@@ -395,7 +395,7 @@ class Daemon:
             self.ledger.save()
             self.reap()
             self.spawner.prepare(self.due.count_due_before(
-                now_dt + timedelta(seconds=PREPARE_AHEAD)))
+                now_dt + timedelta(seconds=PREPARE_AHEAD), limit=MAX_IDLE_WORKERS))
             next_fire = self.due.next_fire_time()
             wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
             if next_fire is not None:

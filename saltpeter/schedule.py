@@ -239,8 +239,9 @@ class DueQueue:
         self._drop_stale_top()
         return self._heap[0][0] if self._heap else None
 
-    def count_due_before(self, moment: datetime) -> int:
-        """How many queued jobs fire at or before ``moment`` (each job counts once).
+    def count_due_before(self, moment: datetime, limit: Optional[int] = None) -> int:
+        """How many queued jobs fire at or before ``moment`` (each job counts once), or
+        ``limit`` if there are at least that many.
 
         Walks only the part of the heap that is due by then: a heap entry later than
         ``moment`` has no earlier entry below it, so the cost is the size of the answer.
@@ -249,7 +250,7 @@ class DueQueue:
         heap = self._heap
         count = 0
         todo = [0] if heap else []
-        while todo:
+        while todo and (limit is None or count < limit):
             index = todo.pop()
             entry = heap[index]
             if entry[0] > moment_utc:
