@@ -44,6 +44,7 @@ PREPARE_AHEAD = 10.0         # main counts the jobs due within this many seconds
 MIN_IDLE_WORKERS = 2         # always ready: a run-now or a lone due job starts at once
 MAX_IDLE_WORKERS = 1000      # never more idle workers than this, whatever is due
 IDLE_LINGER = 60.0           # an idle worker not needed for this long is ended
+LOWEST_PRIORITY = 19         # niceness of a finished worker while it exits
 FORK_RETRY_AFTER = 1.0       # a failed fork of an idle worker is retried this much later
 
 
@@ -219,6 +220,7 @@ class _Pool:
             log.exception("instance %s: worker failed", instance)
         finally:
             logging.shutdown()
+            _yield_teardown()
             os._exit(code)
 
     def reap(self, block: bool) -> None:
@@ -359,6 +361,17 @@ def _drop_priority_boost(niceness: int) -> None:
         pass
     try:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:
+        pass
+
+
+def _yield_teardown() -> None:
+    """A finished worker exits at the lowest priority: the kernel's unmapping of its copy
+    of the spawner's memory costs about as much as its fork, and when many instances
+    start in the same second and some end at once, that must not delay the others'
+    start. Everything of the instance is written by now."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
     except OSError:
         pass
 
