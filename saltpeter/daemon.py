@@ -394,8 +394,7 @@ class Daemon:
             self.flush_schedule_info()
             self.ledger.save()
             self.reap()
-            self.spawner.prepare(self.due.count_due_before(
-                now_dt + timedelta(seconds=PREPARE_AHEAD), limit=MAX_IDLE_WORKERS))
+            self.spawner.prepare(self.due_soon(now_dt))
             next_fire = self.due.next_fire_time()
             wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
             if next_fire is not None:
@@ -506,6 +505,20 @@ class Daemon:
         self.spawner.run(job, instance)
         self.workers[instance] = job_name
         self.instances_by_job.setdefault(job_name, set()).add(instance)
+
+    def due_soon(self, now: datetime) -> int:
+        """How many instances fire within ``PREPARE_AHEAD`` seconds as things stand: the
+        jobs due by then, less those that maintenance or the overlap rule would skip (the
+        spawner keeps that many idle workers ready, up to ``MAX_IDLE_WORKERS``)."""
+        if self.maintenance.get("global"):
+            return 0
+        return self.due.count_due_before(now + timedelta(seconds=PREPARE_AHEAD),
+                                          limit=MAX_IDLE_WORKERS, include=self._would_start)
+
+    def _would_start(self, job_name: str) -> bool:
+        job = self.jobs.get(job_name)
+        return job is not None and (job.allow_overlap
+                                    or not self.instances_by_job.get(job_name))
 
     def _set_schedule_info(self, job_name: str, **fields) -> None:
         """Change a job's next_run/last_run/overlap; written to the shared state for all

@@ -29,7 +29,7 @@ import heapq
 import logging
 import os
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from crontab import CronTab
@@ -239,9 +239,11 @@ class DueQueue:
         self._drop_stale_top()
         return self._heap[0][0] if self._heap else None
 
-    def count_due_before(self, moment: datetime, limit: Optional[int] = None) -> int:
+    def count_due_before(self, moment: datetime, limit: Optional[int] = None,
+                         include: Optional[Callable[[str], bool]] = None) -> int:
         """How many queued jobs fire at or before ``moment`` (each job counts once), or
-        ``limit`` if there are at least that many.
+        ``limit`` if there are at least that many; with ``include``, only the jobs for
+        whose name it returns True.
 
         Walks only the part of the heap that is due by then: a heap entry later than
         ``moment`` has no earlier entry below it, so the cost is the size of the answer.
@@ -255,7 +257,7 @@ class DueQueue:
             entry = heap[index]
             if entry[0] > moment_utc:
                 continue
-            if self._is_live(entry):
+            if self._is_live(entry) and (include is None or include(entry[1])):
                 count += 1
             todo.extend(child for child in (2 * index + 1, 2 * index + 2)
                         if child < len(heap))

@@ -233,6 +233,10 @@ def test_count_due_before_counts_each_live_job_once_up_to_the_moment():
     assert queue.count_due_before(now + timedelta(seconds=10)) == 11
     assert queue.count_due_before(now + timedelta(minutes=5)) == 41
     assert queue.count_due_before(now + timedelta(minutes=5), limit=7) == 7
+
+    def odd(name):
+        return name.startswith("at") and int(name[2:]) % 2 == 1
+    assert queue.count_due_before(now + timedelta(seconds=10), include=odd) == 5
     # Replaced and removed jobs leave stale heap entries: not counted.
     queue.schedule("at05", CronSchedule("30", "5", "*", "*", "*", "*"), UTC, now)
     queue.remove("at06")
