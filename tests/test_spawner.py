@@ -173,3 +173,25 @@ def test_idle_workers_do_not_outlive_a_killed_spawner(daemon_factory, tmp_path):
     write_job(daemon.config_dir, "after", "after:\n  sec: '*'\n  min: '*'\n  hour: '*'\n"
               "  dom: '*'\n  mon: '*'\n  dow: '*'\n  command: 'echo still-runs'\n")
     wait_for(lambda: "still-runs" in daemon.log("after"), timeout=20, message="job ran")
+
+
+def test_no_idle_worker_waits_for_a_job_the_overlap_rule_will_skip(daemon_factory):
+    """Five every-second jobs that run for a minute: each has one instance running and
+    every later fire is skipped as an overlap, so the spawner keeps only its minimum of
+    idle workers, not one per job."""
+    count = 5
+    daemon = daemon_factory()
+    write_job(daemon.config_dir, "long", "".join(
+        "long%d:\n  sec: '*'\n  min: '*'\n  hour: '*'\n  dom: '*'\n  mon: '*'\n  dow: '*'\n"
+        "  command: 'sleep 60'\n" % i for i in range(count)))
+    daemon.start()
+    for i in range(count):
+        wait_for(lambda: "overlap" in daemon.log("long%d" % i).lower(), timeout=20,
+                 message="long%d skipped as an overlap" % i)
+    spawner_pid = wait_for(lambda: _spawner_pid(daemon), message="spawner")
+    expected = count + spawner.MIN_IDLE_WORKERS          # busy workers + the minimum
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:                     # watched over 3 fire times
+        assert len(_children(spawner_pid)) <= expected
+        time.sleep(0.1)
+    assert len(_children(spawner_pid)) == expected
