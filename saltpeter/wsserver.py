@@ -42,6 +42,11 @@ ACK_DELAY = 0.1                  # acks are cumulative: one per connection per 1
 # idle wrappers cost 33 acks a second. Any other message brings its ack within ACK_DELAY.
 HEARTBEAT_ACK_DELAY = 300.0
 ACK_DELAYS = {"complete": 0.0, "error": 0.0, "heartbeat": HEARTBEAT_ACK_DELAY}
+# Connections the kernel holds for the server before it accepts them. asyncio's default
+# of 100 overflowed when a job launched on 5,000 machines and all their wrappers dialled
+# back at once: the kernel dropped the overflow, and some of those wrappers were still
+# not connected a minute later (255). The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 MAX_BAD_MESSAGES = 10            # a connection that sends this many bad messages is closed
 # A wrapper sends ``connect`` as soon as it is connected (and again after a reconnect); a
 # connection with no accepted message by then is idle or hostile and would hold a socket
@@ -117,7 +122,7 @@ class WebSocketServer:
         async with serve(self.handle_connection, self.host, self.port, ssl=self.ssl_context,
                          max_size=self.max_frame, compression=None, ping_interval=None,
                          open_timeout=10, close_timeout=2,
-                         max_queue=RECEIVE_QUEUE_FRAMES):
+                         max_queue=RECEIVE_QUEUE_FRAMES, backlog=LISTEN_BACKLOG):
             log.info("WebSocket server listening on %s:%d", self.host, self.port)
             flusher = asyncio.create_task(self._flush_loop())
             await self.stopping.wait()
@@ -268,6 +273,8 @@ class WebSocketServer:
             pass
         finally:
             first_message_deadline.cancel()
+            if ack_state["handle"] is not None:   # nothing to ack on a closed connection,
+                ack_state["handle"].cancel()      # and a pending ack would hold it 5 min
             for session in bound:
                 if session.connection is connection:
                     session.connection = None

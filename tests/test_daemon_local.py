@@ -343,3 +343,18 @@ def test_write_wrapper_gives_a_single_file_that_runs_without_packages(tmp_path):
                            text=True, timeout=30, cwd=str(tmp_path))
     assert usage.returncode == 2
     assert "SP_WEBSOCKET_URL" in usage.stderr and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_websocket_listen_queue_holds_a_fleet_dialling_back_at_once(daemon_factory):
+    """A job launched on thousands of machines has all their wrappers dial back at once;
+    with asyncio's default listen backlog of 100 the kernel dropped the overflow and some
+    wrappers were still not connected a minute later. ``ss`` shows a listening socket's
+    backlog as its Send-Q."""
+    daemon = daemon_factory()
+    daemon.start()
+    with open("/proc/sys/net/core/somaxconn") as handle:
+        expected = min(4096, int(handle.read()))
+    out = subprocess.run(["ss", "-ltnH", "sport = :%d" % daemon.ws_port],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out, "no listening socket on the WebSocket port"
+    assert int(out[2]) == expected
