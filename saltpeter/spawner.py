@@ -251,20 +251,21 @@ class _Pool:
     def stop(self) -> None:
         """End every worker: idle ones see their pipe closed; all get SIGTERM, then
         SIGKILL after ``SHUTDOWN_GRACE``."""
-        for worker in self.idle:
+        while self.idle:
+            worker = self.idle.popleft()
             _close(worker.pipe)
-            _signal(worker.pid, signal.SIGTERM)
+            self.ending.add(worker.pid)
         for pid in list(self.busy) + list(self.ending):
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        while (self.busy or self.idle or self.ending) and time.monotonic() < deadline:
+        while (self.busy or self.ending) and time.monotonic() < deadline:
             self.reap(block=False)
             time.sleep(0.05)
         for pid, instance in list(self.busy.items()):
             log.warning("worker of %s did not stop in %ss; killing it", instance,
                         SHUTDOWN_GRACE)
             _signal(pid, signal.SIGKILL)
-        for pid in [worker.pid for worker in self.idle] + list(self.ending):
+        for pid in self.ending:
             _signal(pid, signal.SIGKILL)
         self.reap(block=True)
 
