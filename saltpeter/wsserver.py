@@ -80,11 +80,14 @@ class WrapperSession:
         self.finished = False
         self.published_lost = False      # what liveness in the shared state shows of it
 
+    def is_lost(self, now: float) -> bool:
+        """Reported in this daemon's life, not finished, and silent for too long."""
+        return (self.last_seen > 0 and not self.finished
+                and now - self.last_seen > HEARTBEAT_LOSS_AFTER)
+
     def liveness(self, now: float) -> Dict:
         """Has the wrapper reported in this daemon's life, and has it gone silent?"""
-        seen = self.last_seen > 0
-        return {"seen": seen,
-                "lost": seen and not self.finished and now - self.last_seen > HEARTBEAT_LOSS_AFTER}
+        return {"seen": self.last_seen > 0, "lost": self.is_lost(now)}
 
 
 class WebSocketServer:
@@ -413,11 +416,10 @@ class WebSocketServer:
             # Wrappers gone silent since the last sweep. The way back (a message from a
             # wrapper shown lost, or its end) is marked by _handle_message, so this pass
             # is one cheap test per session, without building anything for it.
-            silent_since = time.time() - HEARTBEAT_LOSS_AFTER
+            now = time.time()
             self.liveness_dirty.update(
                 session for session in self.sessions.values()
-                if 0 < session.last_seen < silent_since and not session.published_lost
-                and not session.finished)
+                if not session.published_lost and session.is_lost(now))
         liveness: Dict[str, Dict[str, Dict]] = {}
         dirty, self.liveness_dirty = self.liveness_dirty, set()
         now = time.time()
