@@ -246,7 +246,8 @@ class DueQueue:
         whose name it returns True.
 
         Walks only the part of the heap that is due by then: a heap entry later than
-        ``moment`` has no earlier entry below it, so the cost is the size of the answer.
+        ``moment`` has no earlier entry below it, so the cost is the number of entries due
+        (stale ones included), at most ``limit`` counted ones.
         """
         moment_utc = _as_utc(moment)
         heap = self._heap

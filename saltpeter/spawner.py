@@ -143,7 +143,7 @@ class _Pool:
 
     def dispatch(self, kind: str, job, detail) -> None:
         """Hand one instance to an idle worker (a new one if none is ready)."""
-        instance = detail if kind == "run" else detail["instance"]
+        instance = _instance_of(kind, detail)
         # This instance was one of those due soon: no idle worker is forked again for it
         # (main says what is still due after its pass).
         self.wanted_idle = max(self.wanted_idle - 1, MIN_IDLE_WORKERS)
@@ -156,7 +156,7 @@ class _Pool:
             if _hand_over(worker, payload):
                 self.busy[worker.pid] = instance
                 return
-            # That worker died while idle (reaped later); try the next one.
+            self.ending.add(worker.pid)   # it died while idle: reaped later; try the next
 
     def top_up(self) -> bool:
         """Fork one idle worker if fewer are ready than wanted; True if it did."""
@@ -212,7 +212,7 @@ class _Pool:
                 code = 0            # not needed any more, or the spawner is gone
             else:
                 kind, job, detail = pickle.loads(payload)
-                instance = detail if kind == "run" else detail["instance"]
+                instance = _instance_of(kind, detail)
                 multiprocessing.current_process().name = instance
                 self.targets[kind](self.ctx, job, detail)
                 code = 0
@@ -305,6 +305,12 @@ def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
         if not stopping and not pool.top_up():
             pool.trim()
     pool.stop()
+
+
+def _instance_of(kind: str, detail) -> str:
+    """The instance a ``run`` (detail: the instance) or ``adopt`` (detail: its record)
+    request is for."""
+    return detail if kind == "run" else detail["instance"]
 
 
 def _hand_over(worker: IdleWorker, payload: bytes) -> bool:
