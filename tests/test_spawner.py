@@ -195,3 +195,21 @@ def test_no_idle_worker_waits_for_a_job_the_overlap_rule_will_skip(daemon_factor
         assert len(_children(spawner_pid)) <= expected
         time.sleep(0.1)
     assert len(_children(spawner_pid)) == expected
+
+
+def test_a_command_put_by_a_worker_just_before_it_exits_arrives():
+    """Workers end with os._exit; what they put on ws_commands must already be written
+    (a multiprocessing.Queue leaves it to a feeder thread, which os._exit can cut off)."""
+    from saltpeter.state import CommandPipe
+    commands = CommandPipe()
+    pids = []
+    for number in range(20):
+        pid = os.fork()
+        if pid == 0:
+            commands.put(("forget", "instance_%d" % number))
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    got = sorted(commands.get(timeout=5)[1] for _ in pids)
+    assert got == sorted("instance_%d" % number for number in range(20))
