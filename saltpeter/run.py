@@ -203,7 +203,7 @@ def _choose_targets(ctx: RunContext, job, instance: str, started: datetime) -> L
         if not known:
             ctx.joblog.no_targets(job.name, job.group, instance, started)
         return []
-    maintenance = shared_state.get_config(shared).get("maintenance", {})
+    maintenance = shared_state.get_maintenance(shared)
     in_maintenance = set(maintenance.get("machines") or [])
     for machine in sorted(in_maintenance & set(responding + silent)):
         log.warning("instance %s machine %s: Target under maintenance", instance, machine)

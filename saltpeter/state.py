@@ -369,6 +369,12 @@ def get_config(shared: Shared) -> Dict[str, Any]:
     return dict(shared.config)
 
 
+def get_maintenance(shared: Shared) -> Dict[str, Any]:
+    """The maintenance settings alone (``get_config`` would copy every job as well: a
+    round trip of the whole config through the Manager for each fired instance)."""
+    return shared.config.get("maintenance") or {}
+
+
 def config_serial(shared: Shared) -> float:
     """The config's serial alone: cheap to poll, where ``get_config`` copies every job."""
     return shared.config.get("serial", 0.0)
