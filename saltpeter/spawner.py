@@ -3,8 +3,8 @@
 Forking main for each fired instance costs a copy of main's page tables, which grow with
 the number of jobs configured (10,000 jobs: tens of milliseconds a fork, so 1,000 jobs
 due in one second took most of a minute to start). The spawner is forked from main once,
-early, while main is still small; main hands it the ``(job, instance)`` pairs fired in
-each pass of its loop over a pipe, in one message.
+early, while main is still small; main hands it the instances fired in each pass of its
+loop over a pipe, in one message, each already pickled for its worker.
 
 Workers are forked ahead of need. A cron daemon knows what is due next: main tells the
 spawner how many jobs fire within the next ``PREPARE_AHEAD`` seconds, and the spawner
@@ -31,7 +31,7 @@ import pickle
 import signal
 import time
 from collections import deque
-from typing import Deque, Dict, NamedTuple, Optional, Set
+from typing import Deque, Dict, NamedTuple, Optional, Set, Tuple
 
 from saltpeter.constants import SHUTDOWN_GRACE
 
@@ -77,7 +77,7 @@ class Spawner:
 
     def run(self, job, instance: str) -> None:
         """Queue ``instance`` of ``job`` to start; ``start_queued`` sends the queue."""
-        self.queued.append((job, instance))
+        self.queued.append(assignment("run", job, instance))
 
     def start_queued(self) -> None:
         """Send every queued instance in one message: a burst of instances fired in one
@@ -85,11 +85,11 @@ class Spawner:
         takes to fire them (while the first workers already compete with it for CPU)."""
         if self.queued:
             batch, self.queued = self.queued, []
-            self.requests.send(("run", None, batch))
+            self.requests.send(("assign", batch))
             self.prepared = None      # the spawner counted these off; say what is left
 
     def adopt(self, job, record: dict) -> None:
-        self.requests.send(("adopt", job, record))
+        self.requests.send(("assign", [assignment("adopt", job, record)]))
 
     def prepare(self, due_soon: int) -> None:
         """Tell the spawner that ``due_soon`` jobs fire within ``PREPARE_AHEAD`` s, so
@@ -97,7 +97,7 @@ class Spawner:
         if due_soon == self.prepared:
             return
         try:
-            self.requests.send(("prepare", None, due_soon))
+            self.requests.send(("prepare", due_soon))
             self.prepared = due_soon
         except (OSError, EOFError) as exc:
             log.warning("cannot tell the spawner what is due soon: %s", exc)
@@ -141,13 +141,12 @@ class _Pool:
             self.wanted_idle = wanted
             self.wanted_since = time.monotonic()
 
-    def dispatch(self, kind: str, job, detail) -> None:
-        """Hand one instance to an idle worker (a new one if none is ready)."""
-        instance = _instance_of(kind, detail)
+    def dispatch(self, instance: str, payload: bytes) -> None:
+        """Hand one instance (``payload`` from ``assignment``) to an idle worker, a new
+        one if none is ready."""
         # This instance was one of those due soon: no idle worker is forked again for it
         # (main says what is still due after its pass).
         self.wanted_idle = max(self.wanted_idle - 1, MIN_IDLE_WORKERS)
-        payload = pickle.dumps((kind, job, detail), pickle.HIGHEST_PROTOCOL)
         while True:
             worker = self.idle.popleft() if self.idle else self.fork_idle()
             if worker is None:
@@ -289,22 +288,29 @@ def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
             ready = False
         while ready and not stopping:
             try:
-                kind, job, detail = requests.recv()
+                kind, detail = requests.recv()
             except (EOFError, OSError):
                 stopping.append("main gone")
                 break
             if kind == "prepare":
                 pool.want(detail)
-            elif kind == "run":
-                for run_job, instance in detail:
-                    pool.dispatch(kind, run_job, instance)
             else:
-                pool.dispatch(kind, job, detail)
+                for instance, payload in detail:
+                    pool.dispatch(instance, payload)
             ready = requests.poll(0)
         pool.reap(block=False)
         if not stopping and not pool.top_up():
             pool.trim()
     pool.stop()
+
+
+def assignment(kind: str, job, detail) -> Tuple[str, bytes]:
+    """What a worker is handed: ``run`` (detail: the instance) or ``adopt`` (detail: the
+    instance's record) of ``job``, as ``(instance, pickled request)``. Main pickles it:
+    the spawner only forwards the bytes, so a burst is not unpickled and pickled again
+    on its way to the workers."""
+    return (_instance_of(kind, detail),
+            pickle.dumps((kind, job, detail), pickle.HIGHEST_PROTOCOL))
 
 
 def _instance_of(kind: str, detail) -> str:

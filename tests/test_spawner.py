@@ -67,7 +67,7 @@ def test_each_instance_runs_in_a_worker_prepared_for_it_and_only_that_one(pool, 
     assert len(prepared) == 3 and all(_alive(pid) for pid in prepared)
 
     for instance in ("a_1", "b_1", "c_1"):
-        pool.dispatch("run", None, instance)
+        pool.dispatch(*spawner.assignment("run", None, instance))
 
     exits = _exits(pool, 3)
     assert sorted(exits) == [("exited", "a_1", 0), ("exited", "b_1", 0), ("exited", "c_1", 0)]
@@ -78,7 +78,7 @@ def test_each_instance_runs_in_a_worker_prepared_for_it_and_only_that_one(pool, 
 
 
 def test_an_instance_with_no_idle_worker_gets_a_new_one(pool, tmp_path):
-    pool.dispatch("run", None, "lone_1")
+    pool.dispatch(*spawner.assignment("run", None, "lone_1"))
     assert _exits(pool, 1) == [("exited", "lone_1", 0)]
     assert (tmp_path / "lone_1").read_text().isdigit()
 
@@ -109,7 +109,7 @@ def test_stop_ends_idle_and_busy_workers(pool, tmp_path):
     pool.want(4)
     while pool.top_up():
         pass
-    pool.dispatch("run", None, "slow_1")
+    pool.dispatch(*spawner.assignment("run", None, "slow_1"))
     pids = [worker.pid for worker in pool.idle] + list(pool.busy)
     assert len(pids) == 4
     pool.stop()
