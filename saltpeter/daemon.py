@@ -30,7 +30,7 @@ from saltpeter.constants import (CONFIG_CHECK_INTERVAL, DEFAULT_CONNECT_DEADLINE
                                  DEFAULT_RET_CAP, SHUTDOWN_GRACE)
 from saltpeter.joblog import JobLog
 from saltpeter.records import FireLedger, load_instances
-from saltpeter.run import RunContext, adopt, run
+from saltpeter.run import RunContext, adopt, rehearse, run
 from saltpeter.schedule import CronSchedule, DueQueue, ScheduleError, local_zone
 from saltpeter.spawner import MAX_IDLE_WORKERS, PREPARE_AHEAD, Spawner
 from saltpeter.wsserver import DEFAULT_MAX_FRAME
@@ -249,7 +249,7 @@ class Daemon:
                               legacy=args.legacy, token_for=partial(instance_token, key),
                               wrapper_options=wrapper_options)
         # forked while main is small: every worker is forked from it, not from main
-        self.spawner = Spawner(self.ctx, run, adopt)
+        self.spawner = Spawner(self.ctx, run, adopt, rehearse)
         self.spawner.start()
         self.apply_config(self.config_dir.load())
         if not args.legacy:

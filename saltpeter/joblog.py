@@ -46,9 +46,18 @@ class JobLog:
     # ------------------------------------------------------------ events
 
     def start(self, job_name: str, group: str, instance: str, moment: datetime) -> None:
-        self._write(job_name, "###### Starting %s at %s ################\n"
-                    % (instance, _format_time(moment)))
+        self._write(job_name, _start_line(instance, moment))
         self._record("start", job_name, group, instance, moment)
+
+    def rehearse(self) -> None:
+        """Format a start event and append it to ``/dev/null`` the way ``start`` appends
+        it to the job's log and the history: nothing anyone reads is written. An idle
+        per-run worker does this while it waits (see ``saltpeter.spawner``)."""
+        moment = datetime.now(timezone.utc)
+        with _LockedAppend(os.devnull) as handle:
+            handle.write(_start_line("rehearsal_0", moment).encode("utf-8", "surrogateescape"))
+            handle.write(_history_line("start", "rehearsal", "", "rehearsal_0", moment, "", 0)
+                         .encode())
 
     def machine_starts(self, job_name: str, group: str, instance: str, machines,
                        moment: datetime) -> None:
@@ -135,10 +144,8 @@ class JobLog:
             msg_type, job_name, group, instance, moment = event[:5]
             machine, ret_code, output = (tuple(event[5:]) + ("", 0, ""))[:3]
             stamp = moment.astimezone(timezone.utc).isoformat()
-            lines.append(json.dumps({"cron": job_name, "group": group,
-                                     "job_instance": instance, "machine": machine,
-                                     "msg_type": msg_type, "ret_code": ret_code,
-                                     "timestamp": stamp}) + "\n")
+            lines.append(_history_line(msg_type, job_name, group, instance, moment, machine,
+                                       ret_code))
             docs.append({"job_name": job_name, "group": group, "job_instance": instance,
                          "@timestamp": stamp, "return_code": ret_code, "machine": machine,
                          "output": output, "msg_type": msg_type})
@@ -155,6 +162,18 @@ class JobLog:
                     log.error("job %s instance %s: cannot index %s event into %s: %s",
                               doc["job_name"], doc["job_instance"], doc["msg_type"], index,
                               exc)
+
+
+def _start_line(instance: str, moment: datetime) -> str:
+    return "###### Starting %s at %s ################\n" % (instance, _format_time(moment))
+
+
+def _history_line(msg_type: str, job_name: str, group: str, instance: str, moment: datetime,
+                  machine: str, ret_code: int) -> str:
+    """One event of ``<statedir>/history.jsonl``."""
+    return json.dumps({"cron": job_name, "group": group, "job_instance": instance,
+                       "machine": machine, "msg_type": msg_type, "ret_code": ret_code,
+                       "timestamp": moment.astimezone(timezone.utc).isoformat()}) + "\n"
 
 
 class _LockedAppend:

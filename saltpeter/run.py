@@ -9,6 +9,7 @@ entry, the log lines, and the results nobody else can give (124, 253, 255).
 
 import json
 import logging
+import pickle
 import random
 import threading
 import time
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
 from saltpeter import state as shared_state
+from saltpeter.config import Job
 from saltpeter.constants import (HEARTBEAT_LOSS_AFTER, KILL_REPORT_WAIT, RETCODE_HEARTBEAT_LOST,
                                  RETCODE_KILLED, RETCODE_NO_RESPONSE, RETCODE_TIMEOUT,
                                  WORKER_POLL_INTERVAL)
@@ -101,6 +103,15 @@ def run(ctx: RunContext, job, instance: str) -> None:
         _fail_unfinished(ctx, job, instance)
     finally:
         _end(ctx, job, instance)
+
+
+def rehearse(ctx: RunContext) -> None:
+    """What an idle worker does before its instance comes: the first steps of ``run()``
+    on a made-up job, with nothing written anywhere (see ``saltpeter.spawner``)."""
+    job = Job(name="rehearsal", group="", min="*", hour="*", dom="*", mon="*", dow="*",
+              command="true", raw={"command": "true"})
+    pickle.loads(pickle.dumps(("run", job, "rehearsal_0"), pickle.HIGHEST_PROTOCOL))
+    ctx.joblog.rehearse()
 
 
 def _run_batches(ctx: RunContext, job, instance: str, machines: List[str],

@@ -16,6 +16,13 @@ instances due in the same second costs 1,000 pipe writes when it comes, not 1,00
 Idle workers beyond what is due are ended after ``IDLE_LINGER`` seconds unused; a
 worker that finds its pipe closed with nothing in it simply exits.
 
+An idle worker rehearses before it waits: it goes through the first steps of an instance
+(unpickling a request, formatting its log line and history event, appending them to
+``/dev/null``). A forked worker shares every page with the spawner, and each page it first
+writes (reference counts, allocator pools, interpreter caches) the kernel copies then.
+A worker's first steps wrote about 180 such pages, most of its start's CPU time; when
+1,000 start at once, those copies are made while the workers wait, not in the burst.
+
 The spawner owns its workers: it reaps them, reports each exit of a worker that had an
 instance to main on the scheduler command queue as ``('exited', instance, exit_code)``,
 and on SIGTERM (also sent to it if main dies) stops them all, SIGTERM then SIGKILL,
@@ -57,10 +64,11 @@ class IdleWorker(NamedTuple):
 class Spawner:
     """Main's handle on the spawner process."""
 
-    def __init__(self, ctx, run_instance, adopt_instance):
+    def __init__(self, ctx, run_instance, adopt_instance, rehearse=None):
         self.ctx = ctx
         self.run_instance = run_instance          # callable(ctx, job, instance)
         self.adopt_instance = adopt_instance      # callable(ctx, job, record)
+        self.rehearse = rehearse                  # callable(ctx), or None
         self.process: Optional[multiprocessing.Process] = None
         self.requests = None
         self.queued = []
@@ -70,7 +78,7 @@ class Spawner:
         receiver, self.requests = multiprocessing.Pipe(duplex=False)
         self.process = multiprocessing.Process(
             target=_spawner_main, name="spawner",
-            args=(self.ctx, receiver, self.run_instance, self.adopt_instance))
+            args=(self.ctx, receiver, self.run_instance, self.adopt_instance, self.rehearse))
         self.process.start()
         receiver.close()
         self.prepared = None
@@ -121,9 +129,10 @@ class Spawner:
 class _Pool:
     """The spawner's workers: idle ones waiting for an instance, busy ones running one."""
 
-    def __init__(self, ctx, run_instance, adopt_instance, niceness: int):
+    def __init__(self, ctx, run_instance, adopt_instance, niceness: int, rehearse=None):
         self.ctx = ctx
         self.targets = {"run": run_instance, "adopt": adopt_instance}
+        self.rehearse = rehearse
         self.niceness = niceness
         self.idle: Deque[IdleWorker] = deque()
         self.busy: Dict[int, str] = {}        # pid -> instance
@@ -206,6 +215,7 @@ class _Pool:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _drop_priority_boost(self.niceness)
+            self._rehearse()
             payload = _read_to_end(reader)
             if not payload:
                 code = 0            # not needed any more, or the spawner is gone
@@ -221,6 +231,16 @@ class _Pool:
             logging.shutdown()
             _yield_teardown()
             os._exit(code)
+
+    def _rehearse(self) -> None:
+        """Go through the first steps of an instance while idle (see the module's
+        docstring); a failure here is logged and the worker waits all the same."""
+        if self.rehearse is None:
+            return
+        try:
+            self.rehearse(self.ctx)
+        except Exception:
+            log.exception("idle worker %d: rehearsal failed", os.getpid())
 
     def reap(self, block: bool) -> None:
         """Report every busy worker that has exited to main; forget idle ones that died."""
@@ -269,14 +289,14 @@ class _Pool:
         self.reap(block=True)
 
 
-def _spawner_main(ctx, requests, run_instance, adopt_instance) -> None:
+def _spawner_main(ctx, requests, run_instance, adopt_instance, rehearse) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     _die_with_parent()
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     _boost_priority(niceness)
-    pool = _Pool(ctx, run_instance, adopt_instance, niceness)
+    pool = _Pool(ctx, run_instance, adopt_instance, niceness, rehearse)
     # Everything the spawner holds now is shared with each worker: kept out of the cyclic
     # collector's sweeps, so that a worker's collections do not write (and so copy) it.
     gc.freeze()

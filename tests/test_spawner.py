@@ -83,6 +83,28 @@ def test_an_instance_with_no_idle_worker_gets_a_new_one(pool, tmp_path):
     assert (tmp_path / "lone_1").read_text().isdigit()
 
 
+def test_an_idle_worker_rehearses_before_its_instance_and_a_failed_rehearsal_is_harmless(
+        pool, tmp_path):
+    rehearsed = tmp_path / "rehearsed"
+    rehearsed.mkdir()
+
+    def rehearse(ctx):
+        (rehearsed / str(os.getpid())).touch()
+        raise RuntimeError("rehearsal broke")
+
+    pool.rehearse = rehearse
+    pool.want(2)
+    while pool.top_up():
+        pass
+    prepared = sorted(worker.pid for worker in pool.idle)
+    wait_for(lambda: sorted(int(name) for name in os.listdir(rehearsed)) == prepared,
+             timeout=10, message="both idle workers rehearsed while idle")
+
+    pool.dispatch(*spawner.assignment("run", None, "after_1"))
+    assert _exits(pool, 1) == [("exited", "after_1", 0)]
+    assert int((tmp_path / "after_1").read_text()) in prepared
+
+
 def test_idle_workers_beyond_what_is_due_end_after_lingering(pool, monkeypatch):
     pool.want(5)
     while pool.top_up():
@@ -143,6 +165,9 @@ def test_daemon_prepares_workers_before_a_burst_and_every_instance_runs(daemon_f
     wait_for(lambda: len(_children(spawner_pid)) >= count, timeout=4,
              message="%d idle workers ready before the burst" % count)
     assert datetime.now(timezone.utc) < due, "the workers were ready only after the burst"
+    # the idle workers rehearsed an instance's start, writing nothing anyone reads
+    assert not daemon.log_dir.exists() or not os.listdir(daemon.log_dir)
+    assert not (daemon.state_dir / "history.jsonl").exists()
 
     stamp = int(due.timestamp())
     for i in range(count):
