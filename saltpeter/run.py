@@ -62,16 +62,25 @@ class InstanceRecord:
     def __init__(self, ctx: RunContext, job, instance: str, started: datetime,
                  data: Optional[Dict] = None):
         self.statedir = ctx.shared.statedir
+        self.on_disk = data is not None      # as ``data`` says (an adopted instance's)
         self.data = data or {"instance": instance, "job_name": job.name, "group": job.group,
                              "job": job.raw, "started": started.isoformat(),
                              "targets": [], "todo": [], "launched": {}, "logged": [],
                              "legacy": ctx.legacy or not job.use_wrapper}
 
     def save(self, **changes) -> None:
+        """Apply ``changes`` and write the record, unless it is on disk already as it
+        would be written (an instance with no targets changes nothing when they are
+        chosen: every write is a new file, and 1,000 instances at once contend for
+        the directory)."""
+        if self.on_disk and all(self.data.get(key) == value for key, value in changes.items()):
+            return
         self.data.update(changes)
         try:
             save_instance(self.statedir, self.data)
+            self.on_disk = True
         except OSError as exc:
+            self.on_disk = False
             log.error("instance %s: cannot write its record: %s", self.data["instance"], exc)
 
     def launched(self, times: Dict[str, float]) -> None:
@@ -107,11 +116,13 @@ def run(ctx: RunContext, job, instance: str) -> None:
 
 def rehearse(ctx: RunContext) -> None:
     """What an idle worker does before its instance comes: the first steps of ``run()``
-    on a made-up job, with nothing written anywhere (see ``saltpeter.spawner``)."""
+    on a made-up job, with nothing written anywhere, and its connection to the Manager
+    (see ``saltpeter.spawner``)."""
     job = Job(name="rehearsal", group="", min="*", hour="*", dom="*", mon="*", dow="*",
               command="true", raw={"command": "true"})
     pickle.loads(pickle.dumps(("run", job, "rehearsal_0"), pickle.HIGHEST_PROTOCOL))
     ctx.joblog.rehearse()
+    shared_state.config_serial(ctx.shared)     # connects to the Manager
 
 
 def _run_batches(ctx: RunContext, job, instance: str, machines: List[str],

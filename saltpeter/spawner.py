@@ -18,10 +18,12 @@ worker that finds its pipe closed with nothing in it simply exits.
 
 An idle worker rehearses before it waits: it goes through the first steps of an instance
 (unpickling a request, formatting its log line and history event, appending them to
-``/dev/null``). A forked worker shares every page with the spawner, and each page it first
-writes (reference counts, allocator pools, interpreter caches) the kernel copies then.
-A worker's first steps wrote about 180 such pages, most of its start's CPU time; when
-1,000 start at once, those copies are made while the workers wait, not in the burst.
+``/dev/null``) and connects to the Manager. A forked worker shares every page with the
+spawner, and each page it first writes (reference counts, allocator pools, interpreter
+caches) the kernel copies then. A worker's first steps wrote about 180 such pages, most
+of its start's CPU time, and its first Manager call (a connection, an authentication
+and a thread in the Manager) 160 more; when 1,000 start at once, those copies and
+connections are made while the workers wait, not in the burst.
 
 The spawner owns its workers: it reaps them, reports each exit of a worker that had an
 instance to main on the scheduler command queue as ``('exited', instance, exit_code)``,
