@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from multiprocessing.managers import SyncManager
 from queue import Empty
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from saltpeter import __version__
 from saltpeter import state as shared_state
@@ -40,6 +40,7 @@ log = logging.getLogger("saltpeter")
 MAX_LOOP_SLEEP = 0.5     # the loop notices a stop request at least this often
 MAX_COMMANDS_PER_PASS = 1000   # commands handled before the loop looks at the clock again
 MAX_MISSED_COUNTED = 1000  # missed fire times counted one by one, after a long downtime
+LOG_FILES_PER_PASS = 100  # log files of jobs due soon made ahead per pass (about 30 ms)
 # A fire time later than this (a suspended host, a clock jump) is dropped with a warning
 # instead of replayed: an every-second job would otherwise fire thousands of times at once.
 MAX_FIRE_LATENESS = 300.0
@@ -227,6 +228,7 @@ class Daemon:
         self.manager: Optional[SyncManager] = None
         self.shared = None
         self.joblog: Optional[JobLog] = None
+        self.logs_made: Set[str] = set()     # jobs whose log file main made sure of
         self.ctx: Optional[RunContext] = None
 
     # ------------------------------------------------------------ start and stop
@@ -394,11 +396,13 @@ class Daemon:
             self.flush_schedule_info()
             self.ledger.save()
             self.reap()
-            self.spawner.prepare(self.due_soon(now_dt))
+            more_to_prepare = self.prepare(now_dt)
             next_fire = self.due.next_fire_time()
             wait = min(next_config_check - time.time(), MAX_LOOP_SLEEP)
             if next_fire is not None:
                 wait = min(wait, (next_fire - datetime.now(timezone.utc)).total_seconds())
+            if more_to_prepare:
+                wait = 0.0
             self._wait_for_command(max(0.0, wait))
 
     def _wait_for_command(self, timeout: float) -> None:
@@ -446,6 +450,7 @@ class Daemon:
             self.schedules.pop(job_name, None)
             self.schedule_info.pop(job_name, None)
             self.schedule_dirty.discard(job_name)
+            self.logs_made.discard(job_name)
             if not self.instances_by_job.get(job_name):
                 shared_state.remove_job(self.shared, job_name)
         for job_name, job in snapshot.jobs.items():
@@ -506,14 +511,29 @@ class Daemon:
         self.workers[instance] = job_name
         self.instances_by_job.setdefault(job_name, set()).add(instance)
 
-    def due_soon(self, now: datetime) -> int:
-        """How many instances fire within ``PREPARE_AHEAD`` seconds as things stand: the
-        jobs due by then, less those that maintenance or the overlap rule would skip (the
-        spawner keeps that many idle workers ready, up to ``MAX_IDLE_WORKERS``)."""
+    def prepare(self, now: datetime) -> bool:
+        """Get ready for what fires within ``PREPARE_AHEAD`` seconds: the spawner keeps
+        an idle worker ready for each instance, and each job's log file exists (so that
+        a new job's first run does not create it in the second it fires: with 1,000 new
+        jobs due at once, the file system's inode allocation made their start times
+        vary by half a second from one run to the next). Makes at most
+        ``LOG_FILES_PER_PASS`` files, so that a due job is not held up; True if more are
+        left for the next pass."""
+        due_soon = self.due_soon(now)
+        self.spawner.prepare(len(due_soon))
+        missing = [job_name for job_name in due_soon if job_name not in self.logs_made]
+        for job_name in missing[:LOG_FILES_PER_PASS]:
+            self.joblog.make_file(job_name)
+            self.logs_made.add(job_name)
+        return len(missing) > LOG_FILES_PER_PASS
+
+    def due_soon(self, now: datetime) -> List[str]:
+        """The jobs that fire within ``PREPARE_AHEAD`` seconds as things stand, less those
+        that maintenance or the overlap rule would skip; at most ``MAX_IDLE_WORKERS``."""
         if self.maintenance.get("global"):
-            return 0
-        return self.due.count_due_before(now + timedelta(seconds=PREPARE_AHEAD),
-                                          limit=MAX_IDLE_WORKERS, include=self._would_start)
+            return []
+        return self.due.due_before(now + timedelta(seconds=PREPARE_AHEAD),
+                                   limit=MAX_IDLE_WORKERS, include=self._would_start)
 
     def _would_start(self, job_name: str) -> bool:
         job = self.jobs.get(job_name)

@@ -43,6 +43,15 @@ class JobLog:
     def path(self, job_name: str) -> str:
         return os.path.join(self.logdir, "%s.log" % job_name)
 
+    def make_file(self, job_name: str) -> None:
+        """Create the job's log file if it does not exist yet (empty: nothing is logged)."""
+        try:
+            with open(self.path(job_name), "ab"):
+                pass
+        except OSError as exc:
+            log.error("job %s: cannot create log file %s: %s", job_name,
+                      self.path(job_name), exc)
+
     # ------------------------------------------------------------ events
 
     def start(self, job_name: str, group: str, instance: str, moment: datetime) -> None:

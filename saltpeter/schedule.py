@@ -239,30 +239,29 @@ class DueQueue:
         self._drop_stale_top()
         return self._heap[0][0] if self._heap else None
 
-    def count_due_before(self, moment: datetime, limit: Optional[int] = None,
-                         include: Optional[Callable[[str], bool]] = None) -> int:
-        """How many queued jobs fire at or before ``moment`` (each job counts once), or
-        ``limit`` if there are at least that many; with ``include``, only the jobs for
-        whose name it returns True.
+    def due_before(self, moment: datetime, limit: Optional[int] = None,
+                   include: Optional[Callable[[str], bool]] = None) -> List[str]:
+        """The queued jobs that fire at or before ``moment`` (each named once), at most
+        ``limit`` of them; with ``include``, only the jobs for whose name it returns True.
 
         Walks only the part of the heap that is due by then: a heap entry later than
         ``moment`` has no earlier entry below it, so the cost is the number of entries due
-        (stale ones included), at most ``limit`` counted ones.
+        (stale ones included), at most ``limit`` listed ones.
         """
         moment_utc = _as_utc(moment)
         heap = self._heap
-        count = 0
+        names: List[str] = []
         todo = [0] if heap else []
-        while todo and (limit is None or count < limit):
+        while todo and (limit is None or len(names) < limit):
             index = todo.pop()
             entry = heap[index]
             if entry[0] > moment_utc:
                 continue
             if self._is_live(entry) and (include is None or include(entry[1])):
-                count += 1
+                names.append(entry[1])
             todo.extend(child for child in (2 * index + 1, 2 * index + 2)
                         if child < len(heap))
-        return count
+        return names
 
     def pop_due(self, now: datetime,
                 max_lateness: Optional[float] = None) -> List[Tuple[str, datetime]]:

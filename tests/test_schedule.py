@@ -222,26 +222,28 @@ def test_pop_due_returns_due_jobs_in_time_order_and_reschedules():
     assert queue.peek("minutely") == utc(2024, 1, 1, 0, 2)
 
 
-def test_count_due_before_counts_each_live_job_once_up_to_the_moment():
+def test_due_before_names_each_live_job_once_up_to_the_moment():
     queue = DueQueue()
     now = utc(2024, 1, 1, 0, 0, 0)
     for second in range(1, 41):
         queue.schedule("at%02d" % second, CronSchedule(str(second), "*", "*", "*", "*", "*"),
                        UTC, now)
     queue.schedule("tick", every_second(), UTC, now)            # one entry, however often
-    assert queue.count_due_before(now) == 0
-    assert queue.count_due_before(now + timedelta(seconds=10)) == 11
-    assert queue.count_due_before(now + timedelta(minutes=5)) == 41
-    assert queue.count_due_before(now + timedelta(minutes=5), limit=7) == 7
+    assert queue.due_before(now) == []
+    assert sorted(queue.due_before(now + timedelta(seconds=10))) == (
+        ["at%02d" % second for second in range(1, 11)] + ["tick"])
+    assert len(queue.due_before(now + timedelta(minutes=5))) == 41
+    assert len(queue.due_before(now + timedelta(minutes=5), limit=7)) == 7
 
     def odd(name):
         return name.startswith("at") and int(name[2:]) % 2 == 1
-    assert queue.count_due_before(now + timedelta(seconds=10), include=odd) == 5
-    # Replaced and removed jobs leave stale heap entries: not counted.
+    assert sorted(queue.due_before(now + timedelta(seconds=10), include=odd)) == [
+        "at01", "at03", "at05", "at07", "at09"]
+    # Replaced and removed jobs leave stale heap entries: not listed.
     queue.schedule("at05", CronSchedule("30", "5", "*", "*", "*", "*"), UTC, now)
     queue.remove("at06")
-    assert queue.count_due_before(now + timedelta(seconds=10)) == 9
-    assert DueQueue().count_due_before(now) == 0
+    assert len(queue.due_before(now + timedelta(seconds=10))) == 9
+    assert DueQueue().due_before(now) == []
 
 
 def test_slow_loop_yields_every_missed_second_once():

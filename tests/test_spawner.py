@@ -165,8 +165,13 @@ def test_daemon_prepares_workers_before_a_burst_and_every_instance_runs(daemon_f
     wait_for(lambda: len(_children(spawner_pid)) >= count, timeout=4,
              message="%d idle workers ready before the burst" % count)
     assert datetime.now(timezone.utc) < due, "the workers were ready only after the burst"
-    # the idle workers rehearsed an instance's start, writing nothing anyone reads
-    assert not daemon.log_dir.exists() or not os.listdir(daemon.log_dir)
+    # Each job's log file is made ahead, empty; the idle workers rehearsed an instance's
+    # start, writing nothing anyone reads.
+    wait_for(lambda: sorted(os.listdir(daemon.log_dir)) == ["burst%02d.log" % i
+                                                            for i in range(count)],
+             timeout=2, message="log files made ahead")
+    assert all((daemon.log_dir / name).stat().st_size == 0
+               for name in os.listdir(daemon.log_dir))
     assert not (daemon.state_dir / "history.jsonl").exists()
 
     stamp = int(due.timestamp())
