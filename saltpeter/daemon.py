@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from multiprocessing.managers import SyncManager
 from queue import Empty
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from saltpeter import __version__
 from saltpeter import state as shared_state
@@ -229,6 +229,7 @@ class Daemon:
         self.shared = None
         self.joblog: Optional[JobLog] = None
         self.logs_made: Set[str] = set()     # jobs whose log file main made sure of
+        self.fired: List[Tuple[str, str, bool]] = []    # (job, instance, scheduled) to log
         self.ctx: Optional[RunContext] = None
 
     # ------------------------------------------------------------ start and stop
@@ -312,7 +313,7 @@ class Daemon:
             self.joblog.missed(job_name, job.group, len(missed), missed[0], missed[-1])
             if job.catch_up:
                 self.fire(job_name, missed[-1], scheduled=False)
-        self.spawner.start_queued()
+        self.start_fired()
 
     def _search_indexes(self):
         indexes = []
@@ -392,7 +393,7 @@ class Daemon:
             now_dt = datetime.now(timezone.utc)
             for job_name, fire_time in self.due.pop_due(now_dt, MAX_FIRE_LATENESS):
                 self.fire(job_name, fire_time)
-            self.spawner.start_queued()
+            self.start_fired()
             self.flush_schedule_info()
             self.ledger.save()
             self.reap()
@@ -425,7 +426,7 @@ class Daemon:
             if job_name in self.jobs:
                 log.info("job %s: run requested", job_name)
                 self.fire(job_name, datetime.now(timezone.utc), scheduled=False)
-                self.spawner.start_queued()
+                self.start_fired()
                 self.flush_schedule_info()
             else:
                 log.warning("run requested for unknown job %r", job_name)
@@ -506,7 +507,7 @@ class Daemon:
             suffix += 1
             instance = "%s_%d_%d" % (job_name, int(fire_time.timestamp()), suffix)
         self._set_schedule_info(job_name, overlap=False, last_run=now, next_run=next_run)
-        log.info("job %s: firing %s%s", job_name, instance, "" if scheduled else " (run now)")
+        self.fired.append((job_name, instance, scheduled))
         self.spawner.run(job, instance)
         self.workers[instance] = job_name
         self.instances_by_job.setdefault(job_name, set()).add(instance)
@@ -526,6 +527,14 @@ class Daemon:
             self.joblog.make_file(job_name)
             self.logs_made.add(job_name)
         return len(missing) > LOG_FILES_PER_PASS
+
+    def start_fired(self) -> None:
+        """Hand every instance fired since the last call to the spawner, then log them
+        (logging first made the last of 1,000 instances wait 20 ms for 1,000 lines)."""
+        self.spawner.start_queued()
+        fired, self.fired = self.fired, []
+        for job_name, instance, scheduled in fired:
+            log.info("job %s: firing %s%s", job_name, instance, "" if scheduled else " (run now)")
 
     def due_soon(self, now: datetime) -> List[str]:
         """The jobs that fire within ``PREPARE_AHEAD`` seconds as things stand, less those
