@@ -23,7 +23,8 @@ spawner, and each page it first writes (reference counts, allocator pools, inter
 caches) the kernel copies then. A worker's first steps wrote about 180 such pages, most
 of its start's CPU time, and its first Manager call (a connection, an authentication
 and a thread in the Manager) 160 more; when 1,000 start at once, those copies and
-connections are made while the workers wait, not in the burst.
+connections are made while the workers wait, not in the burst. The cost is memory held
+early: an idle worker has about 2.4 MB of its own instead of 1.2 MB.
 
 The spawner owns its workers: it reaps them, reports each exit of a worker that had an
 instance to main on the scheduler command queue as ``('exited', instance, exit_code)``,
