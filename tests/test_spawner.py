@@ -183,6 +183,7 @@ def test_daemon_prepares_workers_before_a_burst_and_every_instance_runs(daemon_f
         assert "**** Exit Code 0 ******\nran-%02d\n" % i in text
         assert text.count("###### Starting %s_%d at " % (name, stamp)) == 1
     assert " worker exited with " not in daemon.output()
+    assert "rehearsal failed" not in daemon.output()
 
 
 def test_idle_workers_do_not_outlive_a_killed_spawner(daemon_factory, tmp_path):
