@@ -448,7 +448,7 @@ class JobsHandler(JsonHandler):
 
     def get(self):
         shared = self.api.shared
-        job_states = state.state_snapshot(shared)
+        job_states = state.state_snapshot(shared, with_output=False)
         running = state.running_snapshot(shared)
         verdicts = last_state(job_states, running, self.api.result_memory)
         crons = state.get_config(shared).get("crons") or {}
@@ -671,7 +671,8 @@ class Broadcaster:
     def status_frame(self, running: Optional[Dict[str, Any]] = None) -> str:
         shared = self.api.shared
         running = state.running_snapshot(shared) if running is None else running
-        summary = last_state(state.state_snapshot(shared), running, self.api.result_memory)
+        summary = last_state(state.state_snapshot(shared, with_output=False), running,
+                             self.api.result_memory)
         return to_json({"running": running, "last_state": summary})
 
     def job_frame(self, job_name: str) -> str:

@@ -251,7 +251,7 @@ def _known_targets(shared, job) -> List[str]:
     if job.target_type == "list":
         listed = job.targets if isinstance(job.targets, list) else str(job.targets).split(",")
         return sorted({name.strip() for name in listed if name.strip()})
-    previous = shared_state.get_job(shared, job.name) or {}
+    previous = shared_state.get_job(shared, job.name, with_output=False) or {}
     return list(previous.get("targets") or [])
 
 

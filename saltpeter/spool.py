@@ -31,6 +31,47 @@ def remove_instance(statedir: str, instance: str) -> None:
     shutil.rmtree(instance_dir(statedir, instance), ignore_errors=True)
 
 
+# ---------------------------------------------------------------- final outputs
+# The final ``ret`` of each machine of a job's last run, kept out of the shared state:
+# the Manager's copy of a job's state is read and written whole, and 100 machines of
+# 1 MiB each made every result recorded copy 100 MB through it.
+
+FINAL_OUTPUT_DIR = "final-output"
+
+
+def final_output_dir(statedir: str, job_name: str) -> str:
+    return os.path.join(statedir, FINAL_OUTPUT_DIR, quote(job_name, safe=""))
+
+
+def final_output_path(statedir: str, job_name: str, machine: str) -> str:
+    """Where the final ``ret`` of ``machine`` in the job's last run is kept."""
+    return os.path.join(final_output_dir(statedir, job_name), quote(machine, safe=""))
+
+
+def save_final_output(statedir: str, job_name: str, machine: str, text: str) -> None:
+    """Keep ``text`` as the final ``ret`` (a temp file renamed: a reader sees the old or
+    the new one). Raises ``OSError``."""
+    path = final_output_path(statedir, job_name, machine)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    with open(tmp, "wb") as handle:
+        handle.write(text.encode("utf-8", "surrogateescape"))
+    os.replace(tmp, path)
+
+
+def load_final_output(statedir: str, job_name: str, machine: str) -> str:
+    """The final ``ret`` kept for ``machine`` ('' if none)."""
+    try:
+        with open(final_output_path(statedir, job_name, machine), "rb") as handle:
+            return handle.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return ""
+
+
+def remove_final_outputs(statedir: str, job_name: str) -> None:
+    shutil.rmtree(final_output_dir(statedir, job_name), ignore_errors=True)
+
+
 class OutputTail:
     """The last ``cap`` characters of a stream of text chunks, and how many came in all."""
 

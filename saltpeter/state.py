@@ -15,8 +15,9 @@ process, which all fork from main and so inherit one ``Shared`` bundle:
 - ``config``: ``{'crons': {...}, 'maintenance': {...}, 'serial': float}`` for the API
 - ``access``: the API's users and read-only switch (kept out of ``config``, which is shown)
 
-The output of a machine that is still running is not copied through the Manager at all:
-it is in the machine's spool file, and the read functions here put its tail into ``ret``
+Output is not copied through the Manager at all: that of a machine still running is in
+its spool file, the final ``ret`` of a finished one in a file of its own
+(``saltpeter.spool.save_final_output``), and the read functions here put it into ``ret``
 when someone asks. Nested values of a Manager dict are copies: every change here reads the
 value, changes the copy and writes it back, under the job's lock, so two processes never
 lose each other's writes.
@@ -31,7 +32,8 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from saltpeter.constants import DEFAULT_RET_CAP, LOCK_POOL_SIZE
-from saltpeter.spool import read_tail, spool_path
+from saltpeter.spool import (load_final_output, read_tail, remove_final_outputs,
+                             save_final_output, spool_path)
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +129,24 @@ def _empty_job_state(group: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------- reading job state
 
 def _assemble(shared: Shared, job_name: str, job_state: Optional[Dict[str, Any]],
-              schedule: Optional[Dict[str, Any]],
-              running: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """``state[job_name]`` as SPEC section 7 shows it: schedule fields merged in, and the
-    output so far of every machine still running read from its spool file."""
+              schedule: Optional[Dict[str, Any]], running: Dict[str, Any],
+              with_output: bool = True) -> Optional[Dict[str, Any]]:
+    """``state[job_name]`` as SPEC section 7 shows it: schedule fields merged in, the
+    output so far of every machine still running read from its spool file, and the final
+    output of every finished one read from where ``finish_machines`` keeps it. Without
+    ``with_output``, every ``ret`` is left empty and no file is read."""
     if job_state is None and schedule is None:
         return None
     assembled = {"next_run": "", "last_run": "", "overlap": False, "group": "",
                  "targets": [], "results": {}}
     assembled.update(schedule or {})
     assembled.update(job_state or {})
+    if not with_output:
+        return assembled
     results = assembled["results"]
+    for machine, result in results.items():
+        if result.get("retcode", "") != "" and not result.get("ret"):
+            result["ret"] = load_final_output(shared.statedir, job_name, machine)
     for instance, entry in running.items():
         if entry.get("name") != job_name:
             continue
@@ -153,12 +162,15 @@ def live_output(shared: Shared, instance: str, machine: str) -> str:
     return read_tail(spool_path(shared.statedir, instance, machine), shared.ret_cap).text()
 
 
-def get_job(shared: Shared, job_name: str) -> Optional[Dict[str, Any]]:
-    """A copy of ``state[job_name]`` as the API shows it, or None."""
+def get_job(shared: Shared, job_name: str,
+            with_output: bool = True) -> Optional[Dict[str, Any]]:
+    """A copy of ``state[job_name]`` as the API shows it, or None (every ``ret`` empty
+    without ``with_output``)."""
     job_state = shared.state.get(job_name)
     schedule = shared.schedule.get(job_name)
-    running = shared.running.copy() if job_state and _has_running(job_state) else {}
-    return _assemble(shared, job_name, job_state, schedule, running)
+    running = (shared.running.copy() if with_output and job_state and _has_running(job_state)
+               else {})
+    return _assemble(shared, job_name, job_state, schedule, running, with_output)
 
 
 def _has_running(job_state: Dict[str, Any]) -> bool:
@@ -166,15 +178,16 @@ def _has_running(job_state: Dict[str, Any]) -> bool:
                for result in job_state.get("results", {}).values())
 
 
-def state_snapshot(shared: Shared) -> Dict[str, Any]:
-    """A copy of all of ``state`` as the API shows it."""
+def state_snapshot(shared: Shared, with_output: bool = True) -> Dict[str, Any]:
+    """A copy of all of ``state`` as the API shows it (``ret`` left empty everywhere
+    without ``with_output``: what a job list or a status summary needs)."""
     states = shared.state.copy()
     schedules = shared.schedule.copy()
-    running = shared.running.copy()
+    running = shared.running.copy() if with_output else {}
     snapshot = {}
     for job_name in set(states) | set(schedules):
         snapshot[job_name] = _assemble(shared, job_name, states.get(job_name),
-                                       schedules.get(job_name), running)
+                                       schedules.get(job_name), running, with_output)
     return snapshot
 
 
@@ -184,12 +197,12 @@ def running_snapshot(shared: Shared) -> Dict[str, Any]:
 
 
 def get_results(shared: Shared, job_name: str) -> Dict[str, Dict[str, Any]]:
-    """The stored results of a job, without reading any live output."""
+    """The stored results of a job, without reading any output (``ret`` is empty)."""
     return (shared.state.get(job_name) or {}).get("results", {})
 
 
 def get_result(shared: Shared, job_name: str, machine: str) -> Optional[Dict[str, Any]]:
-    """The stored result of ``machine`` (``ret`` is only final once ``retcode`` is)."""
+    """The stored result of ``machine``, without reading its output (``ret`` is empty)."""
     job_state = shared.state.get(job_name)
     if not job_state:
         return None
@@ -220,14 +233,17 @@ def remove_job(shared: Shared, job_name: str) -> None:
     """Forget a job that left the config (its running instances keep their entries)."""
     with shared.job_lock(job_name):
         shared.state.pop(job_name, None)
+        remove_final_outputs(shared.statedir, job_name)
     shared.schedule.pop(job_name, None)
 
 
 def init_results(shared: Shared, job_name: str, group: str, machines: Iterable[str],
                  starttime: datetime) -> None:
-    """Start a run: ``targets`` and one empty result per machine (retcode ``''``)."""
+    """Start a run: ``targets`` and one empty result per machine (retcode ``''``); the
+    final outputs of the job's previous run are dropped with its results."""
     machines = list(machines)
     with shared.job_lock(job_name):
+        remove_final_outputs(shared.statedir, job_name)
         job_state = shared.state.get(job_name) or _empty_job_state(group)
         job_state["group"] = group or job_state.get("group", "")
         job_state["targets"] = machines
@@ -284,8 +300,11 @@ def finish_machines(shared: Shared, job_name: str, finals: List[FinalResult]) ->
     ``running``, with one read and one write of the job's state.
 
     A machine whose result is already final (the WebSocket server and the worker may
-    race: the first one wins) is skipped. Returns the machines recorded here. ``ret``
-    replaces the output so far when given.
+    race: the first one wins) is skipped. Returns the machines recorded here. ``ret``,
+    when given, is the final output: kept in a file of its own (see
+    ``saltpeter.spool.save_final_output``), not in the job's state, which is copied whole
+    through the Manager on every read and write; if the file cannot be written, it is
+    kept in the state after all.
     """
     recorded = []
     with shared.job_lock(job_name):
@@ -305,13 +324,25 @@ def finish_machines(shared: Shared, job_name: str, finals: List[FinalResult]) ->
             result["retcode"] = int(retcode)
             result["endtime"] = endtime
             if ret is not None:
-                result["ret"] = ret
+                result["ret"] = _keep_final_output(shared, job_name, machine, ret)
             recorded.append(machine)
         if recorded:
             shared.state[job_name] = job_state
             shared.running.update({instance: entry for instance, entry in entries.items()
                                    if entry is not None})
     return recorded
+
+
+def _keep_final_output(shared: Shared, job_name: str, machine: str, ret: str) -> str:
+    """Write ``ret`` to its file; returns what the state keeps: '' (read from the file),
+    or ``ret`` itself if the file could not be written."""
+    try:
+        save_final_output(shared.statedir, job_name, machine, ret)
+        return ""
+    except OSError as exc:
+        log.error("job %s machine %s: cannot write the final output file (%s); keeping it "
+                  "in the shared state", job_name, machine, exc)
+        return ret
 
 
 def finish_machine(shared: Shared, job_name: str, instance: str, machine: str,
