@@ -50,8 +50,14 @@ def final_output_path(statedir: str, job_name: str, machine: str) -> str:
 
 def save_final_output(statedir: str, job_name: str, machine: str, text: str) -> None:
     """Keep ``text`` as the final ``ret`` (a temp file renamed: a reader sees the old or
-    the new one). Raises ``OSError``."""
+    the new one; no file for no output). Raises ``OSError``."""
     path = final_output_path(statedir, job_name, machine)
+    if not text:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = "%s.tmp.%d" % (path, os.getpid())
     with open(tmp, "wb") as handle:
