@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from saltpeter.constants import DEFAULT_RET_CAP, LOCK_POOL_SIZE
-from saltpeter.spool import (load_final_output, read_tail, remove_final_outputs,
-                             save_final_output, spool_path)
+from saltpeter.spool import (append_final_outputs, load_final_outputs, read_tail,
+                             remove_final_outputs, spool_path)
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,12 @@ def _assemble(shared: Shared, job_name: str, job_state: Optional[Dict[str, Any]]
     if not with_output:
         return assembled
     results = assembled["results"]
-    for machine, result in results.items():
-        if result.get("retcode", "") != "" and not result.get("ret"):
-            result["ret"] = load_final_output(shared.statedir, job_name, machine)
+    if any(result.get("retcode", "") != "" and not result.get("ret")
+           for result in results.values()):
+        outputs = load_final_outputs(shared.statedir, job_name)
+        for machine, result in results.items():
+            if result.get("retcode", "") != "" and not result.get("ret"):
+                result["ret"] = outputs.get(machine, "")
     for instance, entry in running.items():
         if entry.get("name") != job_name:
             continue
@@ -301,12 +304,13 @@ def finish_machines(shared: Shared, job_name: str, finals: List[FinalResult]) ->
 
     A machine whose result is already final (the WebSocket server and the worker may
     race: the first one wins) is skipped. Returns the machines recorded here. ``ret``,
-    when given, is the final output: kept in a file of its own (see
-    ``saltpeter.spool.save_final_output``), not in the job's state, which is copied whole
-    through the Manager on every read and write; if the file cannot be written, it is
-    kept in the state after all.
+    when given, is the final output: kept in the job's final-output file (see
+    ``saltpeter.spool``), not in the job's state, which is copied whole through the
+    Manager on every read and write; if the file cannot be written, it is kept in the
+    state after all.
     """
     recorded = []
+    outputs: Dict[str, str] = {}
     with shared.job_lock(job_name):
         entries: Dict[str, Any] = {}
         job_state = None
@@ -324,25 +328,28 @@ def finish_machines(shared: Shared, job_name: str, finals: List[FinalResult]) ->
             result["retcode"] = int(retcode)
             result["endtime"] = endtime
             if ret is not None:
-                result["ret"] = _keep_final_output(shared, job_name, machine, ret)
+                result["ret"] = ""
+                outputs[machine] = ret
             recorded.append(machine)
         if recorded:
+            _keep_final_outputs(shared, job_name, outputs, job_state)
             shared.state[job_name] = job_state
             shared.running.update({instance: entry for instance, entry in entries.items()
                                    if entry is not None})
     return recorded
 
 
-def _keep_final_output(shared: Shared, job_name: str, machine: str, ret: str) -> str:
-    """Write ``ret`` to its file; returns what the state keeps: '' (read from the file),
-    or ``ret`` itself if the file could not be written."""
+def _keep_final_outputs(shared: Shared, job_name: str, outputs: Dict[str, str],
+                        job_state: Dict[str, Any]) -> None:
+    """Append ``{machine: ret}`` to the job's final-output file; if that fails, put each
+    ``ret`` into ``job_state`` instead, so that nothing is lost."""
     try:
-        save_final_output(shared.statedir, job_name, machine, ret)
-        return ""
+        append_final_outputs(shared.statedir, job_name, outputs)
     except OSError as exc:
-        log.error("job %s machine %s: cannot write the final output file (%s); keeping it "
-                  "in the shared state", job_name, machine, exc)
-        return ret
+        log.error("job %s: cannot write the final output of %d machine(s) (%s); keeping "
+                  "it in the shared state", job_name, len(outputs), exc)
+        for machine, ret in outputs.items():
+            job_state["results"][machine]["ret"] = ret
 
 
 def finish_machine(shared: Shared, job_name: str, instance: str, machine: str,

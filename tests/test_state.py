@@ -1,5 +1,5 @@
-"""The shared state through a real Manager: a finished machine's output is kept in a file
-of its own, not in the job's state that every read and write copies whole."""
+"""The shared state through a real Manager: a finished machine's output is kept in the
+job's final-output file, not in the job's state that every read and write copies whole."""
 
 import multiprocessing
 import os
@@ -46,7 +46,7 @@ def test_final_output_is_shown_but_not_held_in_the_managers_copy(shared, tmp_pat
     assert (result["retcode"], result["ret"]) == (0, "")
 
     state.remove_job(shared, "backup")
-    assert not os.listdir(tmp_path / FINAL_OUTPUT_DIR)
+    assert os.listdir(tmp_path / FINAL_OUTPUT_DIR) == []
 
 
 def test_final_output_stays_in_the_state_when_its_file_cannot_be_written(shared, tmp_path):
@@ -55,3 +55,13 @@ def test_final_output_stays_in_the_state_when_its_file_cannot_be_written(shared,
     assert state.finish_machine(shared, "backup", "backup_1", "web1", 0, ret=OUTPUT)
     assert shared.state.get("backup")["results"]["web1"]["ret"] == OUTPUT
     assert state.get_job(shared, "backup")["results"]["web1"]["ret"] == OUTPUT
+
+
+def test_final_outputs_file_skips_a_line_still_being_written(tmp_path):
+    from saltpeter.spool import (append_final_outputs, final_output_path,
+                                 load_final_outputs)
+    append_final_outputs(str(tmp_path), "backup", {"web1": "one\n", "web2": "", "db1": "x"})
+    with open(final_output_path(str(tmp_path), "backup"), "ab") as handle:
+        handle.write(b'{"machine": "web3", "ret": "half a li')
+    assert load_final_outputs(str(tmp_path), "backup") == {"web1": "one\n", "db1": "x"}
+    assert load_final_outputs(str(tmp_path), "nothing-ran") == {}
