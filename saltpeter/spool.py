@@ -53,14 +53,15 @@ def final_output_path(statedir: str, job_name: str) -> str:
 def append_final_outputs(statedir: str, job_name: str, outputs: Dict[str, str]) -> None:
     """Keep ``{machine: ret}`` (machines without output are left out: nothing to show).
     The caller holds the job's lock. Raises ``OSError``."""
-    lines = [json.dumps({"machine": machine, "ret": text}) + "\n"
-             for machine, text in outputs.items() if text]
-    if not lines:
+    outputs = {machine: text for machine, text in outputs.items() if text}
+    if not outputs:
         return
     path = final_output_path(statedir, job_name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "ab") as handle:
-        handle.write("".join(lines).encode("ascii"))
+        for machine, text in outputs.items():     # one at a time: each may be 1 MiB
+            handle.write(json.dumps({"machine": machine, "ret": text}).encode("ascii"))
+            handle.write(b"\n")
 
 
 def load_final_outputs(statedir: str, job_name: str) -> Dict[str, str]:
