@@ -15,10 +15,11 @@ from websockets.asyncio.client import connect
 from bench.common import next_whole_second, once_at, write_jobs
 from saltpeter.auth import KEY_FILE, instance_token
 from saltpeter.constants import HEARTBEAT_LOSS_AFTER
-from saltpeter.wsserver import HEARTBEAT_ACK_DELAY, WebSocketServer
+from saltpeter.wsserver import ACK_DELAY, ACK_DELAYS, HEARTBEAT_ACK_DELAY, WebSocketServer
 from tests.helpers import wait_for
 from tests.test_daemon_local import results
 from wrapper.protocol import encode, wrapper_message
+from wrapper.runner import HEARTBEAT_INTERVAL
 
 MACHINE = "sim-00000"
 QUIET = 1.5      # seconds in which an ack that is not due must not come
@@ -82,6 +83,25 @@ def test_output_and_the_end_are_acked_promptly_heartbeats_only_rarely(daemon_fac
                       message="the machine's result in the job log")[0]
     assert result["code"] == "0"
     assert result["output"].strip() == "hello"
+
+
+def test_a_heartbeat_ack_is_due_in_five_minutes_and_other_messages_bring_it_forward():
+    """What the test above cannot wait for: when a heartbeat's ack is due. A wrapper
+    heartbeats every 5 s, so 5 minutes means at most 60 heartbeats kept unacked."""
+    async def due_after(*message_types):
+        loop = asyncio.get_running_loop()
+        ack_state = {"handle": None, "due": 0.0}
+        server = object.__new__(WebSocketServer)      # only its ack timer is used here
+        for message_type in message_types:
+            server._schedule_ack(None, None, ack_state,
+                                 ACK_DELAYS.get(message_type, ACK_DELAY))
+        ack_state["handle"].cancel()
+        return ack_state["due"] - loop.time()
+
+    assert HEARTBEAT_ACK_DELAY == 300 == 60 * HEARTBEAT_INTERVAL
+    assert 299 < asyncio.run(due_after("heartbeat", "heartbeat")) <= 300
+    assert 0 < asyncio.run(due_after("heartbeat", "output", "heartbeat")) <= ACK_DELAY
+    assert asyncio.run(due_after("heartbeat", "output", "complete")) <= 0
 
 
 class SharedState:
