@@ -65,8 +65,8 @@ class JobLog:
         moment = datetime.now(timezone.utc)
         with _LockedAppend(os.devnull) as handle:
             handle.write(_start_line("rehearsal_0", moment).encode("utf-8", "surrogateescape"))
-            handle.write(_history_line("start", "rehearsal", "", "rehearsal_0", moment, "", 0)
-                         .encode())
+            handle.write(_history_line("start", "rehearsal", "", "rehearsal_0",
+                                       moment.isoformat(), "", 0).encode())
 
     def machine_starts(self, job_name: str, group: str, instance: str, machines,
                        moment: datetime) -> None:
@@ -153,7 +153,7 @@ class JobLog:
             msg_type, job_name, group, instance, moment = event[:5]
             machine, ret_code, output = (tuple(event[5:]) + ("", 0, ""))[:3]
             stamp = moment.astimezone(timezone.utc).isoformat()
-            lines.append(_history_line(msg_type, job_name, group, instance, moment, machine,
+            lines.append(_history_line(msg_type, job_name, group, instance, stamp, machine,
                                        ret_code))
             docs.append({"job_name": job_name, "group": group, "job_instance": instance,
                          "@timestamp": stamp, "return_code": ret_code, "machine": machine,
@@ -177,12 +177,12 @@ def _start_line(instance: str, moment: datetime) -> str:
     return "###### Starting %s at %s ################\n" % (instance, _format_time(moment))
 
 
-def _history_line(msg_type: str, job_name: str, group: str, instance: str, moment: datetime,
+def _history_line(msg_type: str, job_name: str, group: str, instance: str, stamp: str,
                   machine: str, ret_code: int) -> str:
-    """One event of ``<statedir>/history.jsonl``."""
+    """One event of ``<statedir>/history.jsonl`` (``stamp``: ISO time in UTC)."""
     return json.dumps({"cron": job_name, "group": group, "job_instance": instance,
                        "machine": machine, "msg_type": msg_type, "ret_code": ret_code,
-                       "timestamp": moment.astimezone(timezone.utc).isoformat()}) + "\n"
+                       "timestamp": stamp}) + "\n"
 
 
 class _LockedAppend:

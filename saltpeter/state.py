@@ -16,9 +16,9 @@ process, which all fork from main and so inherit one ``Shared`` bundle:
 - ``access``: the API's users and read-only switch (kept out of ``config``, which is shown)
 
 Output is not copied through the Manager at all: that of a machine still running is in
-its spool file, the final ``ret`` of a finished one in a file of its own
-(``saltpeter.spool.save_final_output``), and the read functions here put it into ``ret``
-when someone asks. Nested values of a Manager dict are copies: every change here reads the
+its spool file, the final ``ret`` of a finished one in the job's final-output file
+(``saltpeter.spool.append_final_outputs``), and the read functions here put it into
+``ret`` when someone asks. Nested values of a Manager dict are copies: every change here reads the
 value, changes the copy and writes it back, under the job's lock, so two processes never
 lose each other's writes.
 """
@@ -144,12 +144,12 @@ def _assemble(shared: Shared, job_name: str, job_state: Optional[Dict[str, Any]]
     if not with_output:
         return assembled
     results = assembled["results"]
-    if any(result.get("retcode", "") != "" and not result.get("ret")
-           for result in results.values()):
+    finished = [machine for machine, result in results.items()
+                if result.get("retcode", "") != "" and not result.get("ret")]
+    if finished:
         outputs = load_final_outputs(shared.statedir, job_name)
-        for machine, result in results.items():
-            if result.get("retcode", "") != "" and not result.get("ret"):
-                result["ret"] = outputs.get(machine, "")
+        for machine in finished:
+            results[machine]["ret"] = outputs.get(machine, "")
     for instance, entry in running.items():
         if entry.get("name") != job_name:
             continue
